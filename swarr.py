@@ -1,0 +1,738 @@
+"""SWARR: convert a pretrained transformer to sliding-window attention, then win back its accuracy with RL.
+
+One file, meant to be read top to bottom: config -> model -> attention backends -> KV caches and generation
+-> tokenizer and checkpoint I/O -> math answers -> eval -> command line. See README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import unicodedata
+from dataclasses import dataclass, field
+
+import tiktoken
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+
+class SwarrError(Exception):
+    """A user-facing error: the command line prints its message as one line and exits with status 2."""
+
+
+# =====================================================================================================
+# config: the few numbers that define a Llama / Mistral / Qwen2 / Qwen3 decoder
+# =====================================================================================================
+SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+
+@dataclass
+class Config:
+    arch: str                         # one of SUPPORTED
+    vocab_size: int
+    dim: int                          # hidden_size
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int                   # < n_heads: grouped-query attention
+    head_dim: int
+    hidden_dim: int                   # intermediate_size of the SwiGLU MLP
+    norm_eps: float = 1e-6
+    rope: dict = field(default_factory=lambda: {"rope_type": "default", "rope_theta": 10000.0})
+    max_pos: int = 4096               # max_position_embeddings (only informative: RoPE extrapolates)
+    qkv_bias: bool = False            # Qwen2
+    qk_norm: bool = False             # Qwen3: RMSNorm over each head's q and k
+    tie_embeddings: bool = False
+    windows: list = field(default_factory=list)  # per layer: int W or None (full attention)
+    hf: dict = field(default_factory=dict)       # the original config.json, kept for saving
+
+    @staticmethod
+    def from_hf(hf: dict, where: str = "config.json") -> "Config":
+        arch = (hf.get("architectures") or ["?"])[0]
+        if arch not in SUPPORTED:
+            raise SwarrError(f"{where}: architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED)}")
+        try:
+            n_heads, n_layers = hf["num_attention_heads"], hf["num_hidden_layers"]
+            cfg = Config(arch=arch, vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=n_layers,
+                         n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+                         head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+                         hidden_dim=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
+                         max_pos=hf.get("max_position_embeddings", 4096),
+                         qkv_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias")),
+                         qk_norm=arch == "Qwen3ForCausalLM", tie_embeddings=bool(hf.get("tie_word_embeddings")),
+                         hf=dict(hf))
+        except KeyError as e:
+            raise SwarrError(f"{where}: missing field {e.args[0]!r}") from None
+        if hf.get("hidden_act", "silu") != "silu" or hf.get("mlp_bias"):
+            raise SwarrError(f"{where}: only SwiGLU (silu, no MLP bias) MLPs are supported")
+        # RoPE: transformers 5 writes `rope_parameters`; released checkpoints use `rope_theta` + `rope_scaling`.
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        rope.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+        rope["rope_type"] = rope.get("rope_type", rope.get("type", "default"))
+        if rope["rope_type"] not in ("default", "linear", "llama3", "yarn"):
+            raise SwarrError(f"{where}: rope type {rope['rope_type']!r} is not supported (default, linear, llama3, yarn)")
+        cfg.rope = rope
+        # Windows, read the way transformers reads them (W keys including the query itself).
+        W = hf.get("sliding_window")
+        if arch == "MistralForCausalLM":
+            cfg.windows = [W] * n_layers
+        elif arch.startswith("Qwen") and hf.get("use_sliding_window") and W:
+            types = hf.get("layer_types") or ["sliding_attention" if i >= hf.get("max_window_layers", n_layers)
+                                              else "full_attention" for i in range(n_layers)]
+            cfg.windows = [W if t == "sliding_attention" else None for t in types]
+        else:
+            cfg.windows = [None] * n_layers
+        return cfg
+
+
+def check_window(window) -> int | None:
+    """A window is None (full attention) or a positive int: the number of keys a query sees, itself included."""
+    if window is None:
+        return None
+    if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+        raise SwarrError(f"window must be a positive integer or None, got {window!r}")
+    return window
+
+
+# =====================================================================================================
+# model: RMSNorm, RoPE, attention with a per-layer window, SwiGLU MLP. Module names follow HF's, so a
+# checkpoint's tensor names are our parameter names (model.layers.0.self_attn.q_proj.weight, ...).
+# =====================================================================================================
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_frequencies(cfg: Config) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (head_dim/2,) and the cos/sin scale, for the rope types Llama 3.x and Qwen use."""
+    r, d = cfg.rope, cfg.head_dim
+    inv = 1.0 / (r["rope_theta"] ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    kind, scale = r["rope_type"], 1.0
+    if kind == "linear":
+        inv = inv / r["factor"]
+    elif kind == "llama3":  # smooth interpolation between low and high frequencies
+        f, lo, hi, old = r["factor"], r["low_freq_factor"], r["high_freq_factor"], r["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        smooth = ((old / wavelen - lo) / (hi - lo)).clamp(0, 1)
+        inv = torch.where(wavelen > old / lo, inv / f, (1 - smooth) * inv / f + smooth * inv)
+    elif kind == "yarn":  # NTK-by-parts interpolation plus an attention temperature
+        f = r["factor"]
+        old = r.get("original_max_position_embeddings") or cfg.max_pos
+        scale = r.get("attention_factor") or (0.1 * math.log(f) + 1.0 if f > 1 else 1.0)
+
+        def dim_of(rot):  # the dimension index whose wavelength makes `rot` turns over `old` positions
+            return d * math.log(old / (rot * 2 * math.pi)) / (2 * math.log(r["rope_theta"]))
+        lo, hi = dim_of(r.get("beta_fast") or 32), dim_of(r.get("beta_slow") or 1)
+        if r.get("truncate", True):
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, d - 1)
+        ramp = ((torch.arange(d // 2, dtype=torch.float32) - lo) / max(hi - lo, 1e-3)).clamp(0, 1)
+        inv = inv / f * ramp + inv * (1 - ramp)
+    return inv, scale
+
+
+def apply_rope(x, cos, sin):
+    """x (B, H, T, D); cos/sin (B, 1, T, D). HF's rotate-half convention (not interleaved pairs)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Config, window: int | None):
+        super().__init__()
+        self.cfg, self.window = cfg, window
+        H, Hkv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, H * D, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, Hkv * D, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, Hkv * D, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(H * D, cfg.dim, bias=False)
+        if cfg.qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(D, cfg.norm_eps), RMSNorm(D, cfg.norm_eps)
+
+    def qkv(self, x, cos, sin):
+        B, T, _ = x.shape
+        c = self.cfg
+        q = self.q_proj(x).view(B, T, c.n_heads, c.head_dim)
+        k = self.k_proj(x).view(B, T, c.n_kv_heads, c.head_dim)
+        v = self.v_proj(x).view(B, T, c.n_kv_heads, c.head_dim)
+        if c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x, cos, sin, cache: "KVCache | None" = None):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x, cos, sin)
+        if cache is None:                       # training / prefill: the whole sequence at once
+            y = attention(q, k, v, self.window)
+        else:                                   # decode: one token per row, at each row's own position
+            cache.write(k[:, :, 0], v[:, :, 0])
+            y = decode(q[:, :, 0], cache.k, cache.v, cache.valid())[:, :, None]
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config, window: int | None):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg, window)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        windows = cfg.windows or [None] * cfg.n_layers
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(cfg.vocab_size, cfg.dim),
+            layers=nn.ModuleList(Block(cfg, w) for w in windows),
+            norm=RMSNorm(cfg.dim, cfg.norm_eps)))
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.checkpointing = False  # activation checkpointing per block (training memory vs compute)
+
+    @property
+    def windows(self) -> list:
+        return [blk.self_attn.window for blk in self.model.layers]
+
+    def set_window(self, window: int | None, layers=None) -> "Transformer":
+        """Convert to SWA: give `layers` (default all) the window W (None = back to full attention)."""
+        window = check_window(window)
+        layers = range(self.cfg.n_layers) if layers is None else layers
+        for i in layers:
+            if not (isinstance(i, int) and 0 <= i < self.cfg.n_layers):
+                raise SwarrError(f"layer {i!r} does not exist (the model has {self.cfg.n_layers} layers)")
+            self.model.layers[i].self_attn.window = window
+        self.cfg.windows = self.windows
+        return self
+
+    def rope(self, pos: torch.Tensor, dtype):
+        """cos, sin (B, 1, T, D) for absolute positions pos (B, T)."""
+        if getattr(self, "_inv_freq", None) is None or self._inv_freq.device != pos.device:
+            inv, self._rope_scale = rope_frequencies(self.cfg)
+            self._inv_freq = inv.to(pos.device)
+        freqs = pos[..., None].float() * self._inv_freq           # (B, T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]           # (B, 1, T, D)
+        return (emb.cos() * self._rope_scale).to(dtype), (emb.sin() * self._rope_scale).to(dtype)
+
+    def forward(self, idx, pos=None, caches=None):
+        """idx (B, T) token ids -> logits (B, T, vocab). pos (B, T) absolute positions (default 0..T-1).
+        With `caches` (decode, T == 1) each layer writes its new key/value into its cache and attends over it."""
+        B, T = idx.shape
+        if pos is None:
+            pos = torch.arange(T, device=idx.device).expand(B, T)
+        x = self.model.embed_tokens(idx)
+        cos, sin = self.rope(pos, x.dtype)
+        for i, blk in enumerate(self.model.layers):
+            if self.checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(blk, x, cos, sin, use_reentrant=False)
+            else:
+                x = blk(x, cos, sin, None if caches is None else caches[i])
+        return self.lm_head(self.model.norm(x))
+
+
+# =====================================================================================================
+# attention backends: the readable PyTorch reference (the specification) and the compiled extension
+# =====================================================================================================
+# Window W = number of keys a query sees, including itself: query i attends to key j iff
+# j <= i and i - j < W (HF `sliding_window`; flash-attn window_size=(W-1, 0)). window None = full.
+# Layouts: q (B, Hq, N, D), k/v (B, Hkv, N, D), Hq a multiple of Hkv (grouped-query attention).
+
+
+def window_mask(n_q: int, n_k: int, window: int | None, device=None) -> torch.Tensor:
+    """Boolean (n_q, n_k) mask, True = attend. Queries are the last n_q of the n_k positions."""
+    i = torch.arange(n_k - n_q, n_k, device=device)[:, None]
+    j = torch.arange(n_k, device=device)[None, :]
+    keep = j <= i
+    if window is not None:
+        keep &= (i - j) < window
+    return keep
+
+
+def attention_ref(q, k, v, window: int | None, scale: float | None = None) -> torch.Tensor:
+    """Reference windowed causal attention. q (B,Hq,N,D), k/v (B,Hkv,N,D) -> (B,Hq,N,D)."""
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    mask = window_mask(q.shape[2], k.shape[2], window, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def decode_ref(q, k_cache, v_cache, valid, scale: float | None = None) -> torch.Tensor:
+    """Reference one-token attention over a cache. q (B,Hq,D); caches (B,Hkv,S,D); valid (B,) int64:
+    row b attends to slots [0, valid[b]). Slot order does not matter (RoPE is applied before caching)."""
+    rep = q.shape[1] // k_cache.shape[1]
+    if rep > 1:
+        k_cache, v_cache = k_cache.repeat_interleave(rep, 1), v_cache.repeat_interleave(rep, 1)
+    S = k_cache.shape[2]
+    mask = torch.arange(S, device=q.device)[None, :] < valid[:, None]  # (B, S)
+    out = F.scaled_dot_product_attention(q[:, :, None], k_cache, v_cache,
+                                         attn_mask=mask[:, None, None, :], scale=scale)
+    return out[:, :, 0]
+
+# ---- compiled extension (csrc/) -- filled in by the csrc issue ----
+# >>> EXTENSION SECTION START
+# <<< EXTENSION SECTION END
+
+# =====================================================================================================
+# KV caches and generation. A full-attention layer caches every position; a sliding-window layer caches
+# exactly W slots, slot = position % W, so its memory stays constant however long generation runs.
+# Keys are cached after RoPE at their absolute position, so the order of the slots does not matter.
+# =====================================================================================================
+class KVCache:
+    def __init__(self, B: int, n_kv_heads: int, head_dim: int, slots: int, window: int | None, dtype, device):
+        self.window = window
+        self.k = torch.zeros(B, n_kv_heads, slots, head_dim, dtype=dtype, device=device)  # (B, Hkv, S, D)
+        self.v = torch.zeros_like(self.k)
+        self.pos = torch.zeros(B, dtype=torch.long, device=device)  # tokens seen so far, per row
+
+    @property
+    def slots(self) -> int:
+        return self.k.shape[2]
+
+    def valid(self) -> torch.Tensor:
+        """(B,) number of filled slots per row: min(tokens seen, slots)."""
+        return self.pos.clamp(max=self.slots)
+
+    def prefill(self, row: int, k, v):
+        """Store one row's prompt keys/values (Hkv, T, D): all of them, or only the last W for a window."""
+        T = k.shape[1]
+        if T > self.slots and self.window is None:
+            raise SwarrError(f"prompt of {T} tokens does not fit the cache of {self.slots}")
+        keep = torch.arange(max(0, T - self.slots), T, device=k.device)
+        self.k[row, :, keep % self.slots] = k[:, keep]
+        self.v[row, :, keep % self.slots] = v[:, keep]
+        self.pos[row] = T
+
+    def write(self, k, v):
+        """Decode: store one new key/value per row (B, Hkv, D) at slot pos % S, then advance."""
+        if self.window is None and int(self.pos.max()) >= self.slots:
+            raise SwarrError("the full-attention cache is full")
+        slot = self.pos % self.slots
+        rows = torch.arange(k.shape[0], device=k.device)
+        self.k[rows, :, slot] = k
+        self.v[rows, :, slot] = v
+        self.pos += 1
+
+    def repeat_rows(self, n: int) -> "KVCache":
+        """Each row repeated n times (row r -> rows r*n .. r*n+n-1): G samples from one prefill."""
+        self.k, self.v = self.k.repeat_interleave(n, 0), self.v.repeat_interleave(n, 0)
+        self.pos = self.pos.repeat_interleave(n, 0)
+        return self
+
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+def make_caches(model: Transformer, B: int, max_len: int) -> list[KVCache]:
+    """One cache per layer: W slots for a windowed layer (fewer if max_len is shorter), max_len otherwise."""
+    c, p = model.cfg, next(model.parameters())
+    return [KVCache(B, c.n_kv_heads, c.head_dim, min(w, max_len) if w else max_len, w, p.dtype, p.device)
+            for w in model.windows]
+
+
+@torch.no_grad()
+def prefill(model: Transformer, prompts: list[list[int]], caches: list[KVCache]) -> torch.Tensor:
+    """Run each prompt once over its whole length (windowed kernel), fill row r of every cache, and return
+    the logits of each prompt's last token (B, vocab). Rows of different lengths are simply run one by one."""
+    dev = next(model.parameters()).device
+    last = []
+    for r, toks in enumerate(prompts):
+        if not toks:
+            raise SwarrError("cannot generate from an empty prompt")
+        idx = torch.tensor([toks], device=dev)
+        pos = torch.arange(len(toks), device=dev)[None]
+        x = model.model.embed_tokens(idx)
+        cos, sin = model.rope(pos, x.dtype)
+        for blk, cache in zip(model.model.layers, caches):
+            h = blk.input_layernorm(x)
+            q, k, v = blk.self_attn.qkv(h, cos, sin)
+            cache.prefill(r, k[0], v[0])
+            y = attention(q, k, v, blk.self_attn.window)
+            x = x + blk.self_attn.o_proj(y.transpose(1, 2).reshape(1, len(toks), -1))
+            x = x + blk.mlp(blk.post_attention_layernorm(x))
+        last.append(model.lm_head(model.model.norm(x[:, -1])))
+    return torch.cat(last)
+
+
+def sample(logits, temperature: float, top_p: float, gen: torch.Generator | None):
+    """(B, V) logits -> (B,) tokens. temperature 0 = greedy; top_p < 1 keeps the smallest nucleus."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, -1)
+    if top_p < 1.0:
+        sp, si = probs.sort(-1, descending=True)
+        sp[(sp.cumsum(-1) - sp) > top_p] = 0  # drop tokens once the mass before them exceeds top_p
+        probs = torch.zeros_like(probs).scatter_(-1, si, sp)
+    return torch.multinomial(probs, 1, generator=gen)[:, 0]
+
+
+@dataclass
+class Generation:
+    tokens: torch.Tensor    # (B, T) generated tokens, padded with eos after each row's end
+    lengths: torch.Tensor   # (B,) tokens generated per row, the stop token included
+    stopped: torch.Tensor   # (B,) True if the row ended on a stop token, False if max_new_tokens cut it
+    caches: list            # the KV caches, for inspection (bytes, shapes)
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, eos_ids=(),
+             temperature: float = 0.0, top_p: float = 1.0, n_samples: int = 1, seed: int | None = None) -> Generation:
+    """Batched sampling. Prompts may differ in length. n_samples > 1 prefills each prompt once and clones
+    its cache into n_samples rows (rows r*n .. r*n+n-1 belong to prompt r), as group sampling in RL wants.
+
+    >>> g = generate(model, [[1, 2, 3], [4, 5]], 8, eos_ids=[0])   # greedy
+    >>> g.tokens.shape, g.lengths                                   # (2, 8), tensor([8, 3]) e.g.
+    """
+    dev = next(model.parameters()).device
+    gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
+    caches = make_caches(model, len(prompts), max(map(len, prompts)) + max_new_tokens)
+    logits = prefill(model, prompts, caches)
+    if n_samples > 1:
+        caches = [c.repeat_rows(n_samples) for c in caches]
+        logits = logits.repeat_interleave(n_samples, 0)
+    B = logits.shape[0]
+    eos = torch.tensor(list(eos_ids) or [-1], device=dev)
+    out = torch.full((B, max_new_tokens), int(eos[0].clamp(min=0)), dtype=torch.long, device=dev)
+    lengths = torch.zeros(B, dtype=torch.long, device=dev)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    for t in range(max_new_tokens):
+        tok = sample(logits[:, -1] if logits.dim() == 3 else logits, temperature, top_p, gen)
+        out[:, t] = torch.where(done, out[:, t], tok)
+        lengths += (~done).long()
+        done |= torch.isin(tok, eos)
+        if bool(done.all()) or t == max_new_tokens - 1:
+            break
+        logits = model(tok[:, None], pos=caches[0].pos[:, None].clone(), caches=caches)
+    return Generation(out[:, :int(lengths.max()) if B else 0], lengths, done, caches)
+
+
+# =====================================================================================================
+# tokenizer: a HF tokenizer.json (byte-level BPE) as a tiktoken.Encoding, built offline
+# =====================================================================================================
+GPT2_SPLIT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from the 256 byte values to printable characters (how tokenizer.json spells bytes)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = list(bs), 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def _split_regex(pre: dict | None, where: str) -> str:
+    """The pre-tokenizer's splitting regex (Split / ByteLevel / Digits, possibly in a Sequence)."""
+    if pre is None:
+        raise SwarrError(f"{where}: no pre_tokenizer; only byte-level BPE tokenizers are supported")
+    parts = pre["pretokenizers"] if pre["type"] == "Sequence" else [pre]
+    regexes = []
+    for p in parts:
+        if p["type"] == "Split":
+            regexes.append(p["pattern"].get("Regex") or re.escape(p["pattern"]["String"]))
+        elif p["type"] == "ByteLevel":
+            if p.get("add_prefix_space"):
+                raise SwarrError(f"{where}: ByteLevel add_prefix_space is not supported")
+            if p.get("use_regex", True):
+                regexes.append(GPT2_SPLIT)
+        elif p["type"] == "Digits":
+            regexes.insert(0, r"\p{N}" if p.get("individual_digits") else r"\p{N}+")
+        else:
+            raise SwarrError(f"{where}: pre-tokenizer {p['type']!r} is not supported")
+    return "|".join(regexes)
+
+
+class Tokenizer:
+    """Wraps a tiktoken.Encoding (`self.enc`) built from tokenizer.json; token ids are the checkpoint's ids."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            with open(path, encoding="utf-8") as f:
+                self.json_text = f.read()
+            tj = json.loads(self.json_text)
+            model = tj["model"]
+        except FileNotFoundError:
+            raise SwarrError(f"{path}: tokenizer file not found") from None
+        except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
+            raise SwarrError(f"{path}: not a valid tokenizer.json ({e})") from None
+        if model.get("type") != "BPE":
+            raise SwarrError(f"{path}: tokenizer model {model.get('type')!r} is not supported (byte-level BPE only)")
+        byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+        ranks = {}
+        for tok, i in model["vocab"].items():
+            try:
+                ranks[bytes(byte_of[c] for c in tok)] = i
+            except KeyError:
+                raise SwarrError(f"{path}: token {tok!r} is not byte-level BPE") from None
+        self.special = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
+        for s in self.special:
+            ranks.pop(s.encode(), None)
+        norm = (tj.get("normalizer") or {}).get("type")
+        if norm not in (None, "NFC"):
+            raise SwarrError(f"{path}: normalizer {norm!r} is not supported")
+        self.nfc = norm == "NFC"
+        self.enc = tiktoken.Encoding(name=os.path.basename(os.path.dirname(os.path.abspath(path))) or "tok",
+                                     pat_str=_split_regex(tj.get("pre_tokenizer"), path),
+                                     mergeable_ranks=ranks, special_tokens=self.special)
+        self.vocab_size = max([*ranks.values(), *self.special.values()]) + 1
+
+    def encode(self, text: str) -> list[int]:
+        """Text -> ids. Special tokens written in the text (e.g. "<|im_start|>") are encoded as specials."""
+        if self.nfc:
+            text = unicodedata.normalize("NFC", text)
+        return self.enc.encode(text, allowed_special="all")
+
+    def decode(self, ids) -> str:
+        return self.enc.decode_bytes([int(i) for i in ids]).decode("utf-8", errors="replace")
+
+    def chat(self, user: str) -> str:
+        """Wrap one user message in the chat format the checkpoint was tuned with: ChatML (Qwen), Llama 3
+        headers, or plain text when the tokenizer has neither."""
+        if "<|im_start|>" in self.special:
+            return f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+        if "<|start_header_id|>" in self.special:
+            return (f"<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|>"
+                    f"<|start_header_id|>assistant<|end_header_id|>\n\n")
+        return user
+
+    def stop_ids(self, cfg: Config) -> list[int]:
+        """Token ids that end a completion: the config's eos plus the chat end-of-turn tokens."""
+        eos = cfg.hf.get("eos_token_id")
+        ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        ids |= {self.special[t] for t in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end_of_text|>")
+                if t in self.special}
+        return sorted(ids)
+
+
+# =====================================================================================================
+# checkpoint I/O: HF folders (config.json + safetensors, single or sharded) in and out
+# =====================================================================================================
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _weight_files(path: str) -> dict[str, str]:
+    """tensor name -> safetensors file, from model.safetensors or model.safetensors.index.json."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise SwarrError(f"{index}: malformed index ({e})") from None
+        files = {n: os.path.join(path, f) for n, f in weight_map.items()}
+    else:
+        single = os.path.join(path, "model.safetensors")
+        if not os.path.exists(single):
+            raise SwarrError(f"{path}: no model.safetensors or model.safetensors.index.json")
+        files = {n: single for n in _safe(single, lambda f: list(f.keys()))}
+    for fn in set(files.values()):
+        if not os.path.exists(fn):
+            raise SwarrError(f"{fn}: shard listed in the index is missing")
+    return files
+
+
+def _safe(fn: str, use):
+    """Open a safetensors file and apply `use` to it, turning a truncated/corrupt file into one clear error."""
+    try:
+        with safe_open(fn, framework="pt") as f:
+            return use(f)
+    except SwarrError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for header/size problems
+        raise SwarrError(f"{fn}: cannot read safetensors file ({str(e).splitlines()[0]})") from None
+
+
+def load(path: str, dtype=torch.float32, device="cpu") -> tuple[Transformer, Tokenizer]:
+    """Load a local HF model folder: config.json, safetensors weights, tokenizer.json. Each tensor is read
+    from disk straight into its parameter (no second full copy of the model is ever held)."""
+    dtype = DTYPES.get(dtype, dtype)
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        raise SwarrError(f"{path}: model folder not found")
+    try:
+        with open(cfg_path) as f:
+            cfg = Config.from_hf(json.load(f), cfg_path)
+    except FileNotFoundError:
+        raise SwarrError(f"{cfg_path}: not found") from None
+    except json.JSONDecodeError as e:
+        raise SwarrError(f"{cfg_path}: malformed JSON ({e})") from None
+    tok = Tokenizer(os.path.join(path, "tokenizer.json"))
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device=device).to(dtype)
+    if cfg.tie_embeddings:  # to_empty() gives every parameter its own storage: tie them again
+        model.lm_head.weight = model.model.embed_tokens.weight
+    params = dict(model.named_parameters())
+    files = _weight_files(path)
+    for fn in sorted(set(files.values())):
+        def copy_all(f, fn=fn):
+            for name in f.keys():
+                if name.endswith("rotary_emb.inv_freq"):
+                    continue
+                if name not in params:
+                    raise SwarrError(f"{fn}: tensor {name} does not belong to a {cfg.arch} with this config.json")
+                t = f.get_slice(name)
+                if tuple(t.get_shape()) != tuple(params[name].shape):
+                    raise SwarrError(f"{fn}: tensor {name} has shape {tuple(t.get_shape())}, "
+                                     f"config.json implies {tuple(params[name].shape)}")
+                with torch.no_grad():
+                    params[name].copy_(f.get_tensor(name))
+                params.pop(name)
+        _safe(fn, copy_all)
+    if cfg.tie_embeddings:
+        params.pop("lm_head.weight", None)
+    if params:
+        raise SwarrError(f"{path}: tensor {next(iter(params))} is missing from the checkpoint")
+    return model.eval(), tok
+
+
+def export_config(model: Transformer, dtype) -> dict:
+    """config.json for the model as it is now, windows included, in the form transformers and vLLM read."""
+    cfg, windows = model.cfg, model.windows
+    hf = dict(cfg.hf)
+    hf["dtype"] = hf["torch_dtype"] = str(dtype).replace("torch.", "")
+    ws = {w for w in windows if w is not None}
+    if len(ws) > 1:
+        raise SwarrError(f"HF configs hold one sliding_window for all windowed layers; this model has {sorted(ws)}")
+    W = ws.pop() if ws else None
+    if cfg.arch.startswith("Qwen"):
+        hf["use_sliding_window"], hf["sliding_window"] = W is not None, W
+        hf["layer_types"] = ["sliding_attention" if w else "full_attention" for w in windows]
+        first = next((i for i, w in enumerate(windows) if w), len(windows))
+        if W is not None and all(windows[first:]):  # windowed layers form a suffix: max_window_layers says so
+            hf["max_window_layers"] = first
+    elif W is not None:  # Llama or Mistral: a windowed Llama is a Mistral (Llama + sliding_window, all layers)
+        if None in windows:
+            raise SwarrError("Llama/Mistral checkpoints can only be windowed on all layers (the Mistral format)")
+        hf.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=W)
+        hf.pop("attention_bias", None), hf.pop("mlp_bias", None)
+    elif cfg.arch == "MistralForCausalLM":
+        hf["sliding_window"] = None
+    return hf
+
+
+def save(model: Transformer, tok: Tokenizer, path: str, extra_files: dict[str, str] | None = None):
+    """Write an HF folder (model.safetensors, config.json, tokenizer.json, + extra_files name -> text).
+    Atomic: everything is written to a temporary sibling folder, which then replaces `path` by rename."""
+    path = os.path.abspath(path.rstrip("/"))
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
+                 if not (model.cfg.tie_embeddings and k == "lm_head.weight")}
+        dtype = next(iter(state.values())).dtype
+        save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        files = {"config.json": json.dumps(export_config(model, dtype), indent=2),
+                 "tokenizer.json": tok.json_text, **(extra_files or {})}
+        for src in ("tokenizer_config.json", "generation_config.json"):  # keep chat template & generation defaults
+            p = os.path.join(os.path.dirname(tok.path), src)
+            if os.path.exists(p) and src not in files:
+                with open(p) as f:
+                    files[src] = f.read()
+        for name, text in files.items():
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+        old = None
+        if os.path.exists(path):  # swap: the good checkpoint is only removed once the new one is complete
+            old = tempfile.mkdtemp(prefix=".old-" + os.path.basename(path) + "-", dir=parent)
+            os.rename(path, os.path.join(old, "x"))
+        os.rename(tmp, path)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# =====================================================================================================
+# math answers: extraction and safe equivalence -- filled in by the math-answers issue
+# =====================================================================================================
+# >>> MATH SECTION START
+# <<< MATH SECTION END
+
+# =====================================================================================================
+# command line
+# =====================================================================================================
+def cmd_generate(a):
+    model, tok = load(a.model, a.dtype, a.device)
+    if a.window is not None:
+        model.set_window(a.window)
+    text = a.prompt if a.raw else tok.chat(a.prompt)
+    g = generate(model, [tok.encode(text)], a.max_new_tokens, eos_ids=tok.stop_ids(model.cfg),
+                 temperature=a.temperature, top_p=a.top_p, seed=a.seed)
+    print(tok.decode(g.tokens[0, :int(g.lengths[0])].tolist()))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="swarr.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
+
+    def common(sp):
+        sp.add_argument("--model", required=True, help="local HF model folder (config.json, *.safetensors, tokenizer.json)")
+        sp.add_argument("--window", type=int, default=None, help="sliding window W for every layer (keys per query)")
+        sp.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+        sp.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        sp.add_argument("--seed", type=int, default=0)
+
+    g = sub.add_parser("generate", help="sample a completion for one prompt")
+    common(g)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--raw", action="store_true", help="do not wrap the prompt in the model's chat format")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.set_defaults(func=cmd_generate)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except SwarrError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
