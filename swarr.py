@@ -13,6 +13,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 import unicodedata
 from dataclasses import dataclass, field
 
@@ -303,6 +304,137 @@ def decode_ref(q, k_cache, v_cache, valid, scale: float | None = None) -> torch.
 
 # ---- compiled extension (csrc/) -- filled in by the csrc issue ----
 # >>> EXTENSION SECTION START
+# csrc/ implements the same two functions (plus the backward) as compiled kernels: C++ on the CPU everywhere,
+# CUDA where a GPU (compute capability >= 8.0) and nvcc are present. They are built on first use with
+# torch.utils.cpp_extension (ninja) into ./build/ (later imports load the cached library instantly) and registered
+# as torch.ops.swarr.fwd / bwd / decode. If the build fails, one line on stderr says why and the reference is used.
+# SWARR_BACKEND=auto|ext|ref picks the backend (set_backend does the same); SWARR_POISON=1 makes the kernels
+# NaN-fill their outputs before writing them (tests use it to catch unwritten elements).
+_ROOT = os.path.dirname(os.path.abspath(__file__))
+_BACKEND = os.environ.get("SWARR_BACKEND", "auto")
+_EXT: dict = {}  # filled by load_extension: {"ops": torch.ops.swarr or None, "cuda": bool, "why": str}
+
+
+def _build_name(with_cuda: bool) -> str:
+    """Library name, unique per CPU + torch version: the CPU code is built with -march=native, so a build folder
+    shared between machines must never hand one processor a library compiled for another."""
+    import hashlib
+    import platform
+    cpu = platform.processor()
+    if os.path.exists("/proc/cpuinfo"):  # Linux: the model name and the instruction-set flags
+        with open("/proc/cpuinfo") as f:
+            cpu = "".join(sorted({line for line in f if line.startswith(("model name", "flags", "Features"))}))
+    tag = hashlib.sha1(f"{cpu}|{platform.machine()}|{torch.__version__}".encode()).hexdigest()[:10]
+    return f"swarr_ext_{tag}" + ("_cuda" if with_cuda else "")
+
+
+def load_extension():
+    """Build (first time) and load csrc/; returns torch.ops.swarr, or None if it cannot be built."""
+    if _EXT:
+        return _EXT["ops"]
+    import platform
+    import shutil
+    from torch.utils import cpp_extension
+    with_cuda = (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
+                 and cpp_extension.CUDA_HOME is not None
+                 and os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")))
+    name = _build_name(with_cuda)
+    build_dir = os.path.join(_ROOT, "build", name)
+    sources = [os.path.join(_ROOT, "csrc", "swa_cpu.cpp")]
+    sources += [os.path.join(_ROOT, "csrc", "swa_cuda.cu")] if with_cuda else []
+    # -fopenmp: at::parallel_for is header code and threads only when compiled with OpenMP (the process's one
+    # libgomp, already loaded by torch, is shared). -ffp-contract=fast: fused multiply-adds (off in ISO C++ mode).
+    cflags = ["-O3", "-fopenmp", "-ffp-contract=fast"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        cflags += ["-march=native", "-mprefer-vector-width=512"]  # built where it runs; see _build_name
+    try:
+        if shutil.which(os.environ.get("CXX", "c++")) is None:
+            raise RuntimeError(f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH")
+        cpp_extension.verify_ninja_availability()
+        os.makedirs(build_dir, exist_ok=True)
+        if not os.path.exists(os.path.join(build_dir, name + ".so")):
+            print(f"swarr: compiling csrc/ into build/{name} (first use only, about a minute)", file=sys.stderr)
+        cpp_extension.load(name=name, sources=sources, build_directory=build_dir, with_cuda=with_cuda,
+                           extra_cflags=cflags, extra_ldflags=["-fopenmp"], extra_cuda_cflags=["-O3", "-lineinfo"],
+                           is_python_module=False)
+        _EXT.update(ops=torch.ops.swarr, cuda=with_cuda, why="")
+    except Exception as e:  # a failed build must never stop the library: the reference computes the same thing
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        why = next((ln for ln in lines if "error" in ln.lower()), lines[0] if lines else type(e).__name__)
+        _EXT.update(ops=None, cuda=False, why=why[:300])
+        print(f"swarr: compiled attention unavailable ({_EXT['why']}); using the PyTorch reference", file=sys.stderr)
+    return _EXT["ops"]
+
+
+def set_backend(name: str):
+    """'auto' (the extension if it builds, else the reference), 'ext' (the extension, or an error) or 'ref'."""
+    global _BACKEND
+    if name not in ("auto", "ext", "ref"):
+        raise SwarrError(f"unknown attention backend {name!r}: use auto, ext or ref")
+    if name == "ext" and load_extension() is None:
+        raise SwarrError(f"the compiled attention extension is unavailable: {_EXT['why']}")
+    _BACKEND = name
+
+
+def backend_name() -> str:
+    """'ext' or 'ref': the backend attention() and decode() use (inputs the extension does not cover, such as
+    float64 on a GPU or another device, still go to the reference)."""
+    set_backend(_BACKEND)  # validates SWARR_BACKEND and, for auto/ext, builds or loads the extension
+    return "ref" if _BACKEND == "ref" or load_extension() is None else "ext"
+
+
+def _ext_dtype(t: torch.Tensor):
+    """The dtype the extension computes t's dtype in on t's device, or None: use the reference."""
+    if _BACKEND == "ref" or load_extension() is None:
+        return None
+    if t.device.type == "cpu":  # float32 kernels (float64 for checking); 16-bit inputs are computed in float32
+        return t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
+    if t.device.type == "cuda" and _EXT["cuda"] and t.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return t.dtype
+    return None
+
+
+class _WindowedAttention(torch.autograd.Function):
+    """Autograd wiring: the forward saves (q, k, v, out, lse); the backward recomputes the probabilities."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, window: int, scale: float):
+        out, lse = torch.ops.swarr.fwd(q, k, v, window, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.window, ctx.scale = window, scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = torch.ops.swarr.bwd(dout.contiguous(), q, k, v, out, lse, ctx.window, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def attention(q, k, v, window: int | None, scale: float | None = None) -> torch.Tensor:
+    """Windowed causal attention (differentiable), same contract as attention_ref:
+    q (B,Hq,N,D), k/v (B,Hkv,N,D) -> (B,Hq,N,D); window None = full causal attention."""
+    dt = _ext_dtype(q)
+    if dt is None:
+        return attention_ref(q, k, v, window, scale)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    W = max(1, q.shape[2]) if window is None else int(window)
+    out = _WindowedAttention.apply(q.to(dt).contiguous(), k.to(dt).contiguous(), v.to(dt).contiguous(), W, scale)
+    return out.to(q.dtype)
+
+
+def decode(q, k_cache, v_cache, valid, scale: float | None = None) -> torch.Tensor:
+    """One-token attention over a cache, same contract as decode_ref: q (B,Hq,D), caches (B,Hkv,S,D),
+    valid (B,) = number of filled slots per row (1 <= valid <= S) -> (B,Hq,D)."""
+    dt = _ext_dtype(q)
+    if dt is None:
+        return decode_ref(q, k_cache, v_cache, valid, scale)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    valid = valid.to(device=q.device, dtype=torch.long).contiguous()
+    out = torch.ops.swarr.decode(q.to(dt).contiguous(), k_cache.to(dt).contiguous(), v_cache.to(dt).contiguous(),
+                                 valid, scale)
+    return out.to(q.dtype)
 # <<< EXTENSION SECTION END
 
 # =====================================================================================================
@@ -337,8 +469,6 @@ class KVCache:
 
     def write(self, k, v):
         """Decode: store one new key/value per row (B, Hkv, D) at slot pos % S, then advance."""
-        if self.window is None and int(self.pos.max()) >= self.slots:
-            raise SwarrError("the full-attention cache is full")
         slot = self.pos % self.slots
         rows = torch.arange(k.shape[0], device=k.device)
         self.k[rows, :, slot] = k
@@ -416,26 +546,73 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     >>> g.tokens.shape, g.lengths                                   # (2, 8), tensor([8, 3]) e.g.
     """
     dev = next(model.parameters()).device
-    gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
     caches = make_caches(model, len(prompts), max(map(len, prompts)) + max_new_tokens)
     logits = prefill(model, prompts, caches)
     if n_samples > 1:
         caches = [c.repeat_rows(n_samples) for c in caches]
         logits = logits.repeat_interleave(n_samples, 0)
-    B = logits.shape[0]
+    gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
+    return decode_loop(model, caches, logits, max_new_tokens, eos_ids=eos_ids, temperature=temperature,
+                       top_p=top_p, generator=gen)
+
+
+@torch.no_grad()
+def decode_loop(model: Transformer, caches: list[KVCache], logits, max_new_tokens: int, *, eos_ids=(),
+                temperature: float = 0.0, top_p: float = 1.0, generator=None, cuda_graph: bool = True) -> Generation:
+    """Sample from `logits` (B, vocab), feed the token back one step at a time until every row has hit a stop
+    token or max_new_tokens. On CUDA the one-token step is replayed from a captured CUDA graph (at small batch,
+    launching ~20 kernels per layer would otherwise cost more than the step's memory traffic)."""
+    B, dev = logits.shape[0], logits.device
+    for c in caches:
+        if c.window is None and int(c.pos.max()) + max_new_tokens - 1 > c.slots:
+            raise SwarrError(f"the full-attention cache ({c.slots} slots) cannot hold {max_new_tokens} more tokens")
+    step = CudaGraphStep(model, caches, B) if cuda_graph and dev.type == "cuda" else \
+        (lambda tok: model(tok[:, None], pos=caches[0].pos[:, None].clone(), caches=caches)[:, -1])
     eos = torch.tensor(list(eos_ids) or [-1], device=dev)
     out = torch.full((B, max_new_tokens), int(eos[0].clamp(min=0)), dtype=torch.long, device=dev)
     lengths = torch.zeros(B, dtype=torch.long, device=dev)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     for t in range(max_new_tokens):
-        tok = sample(logits[:, -1] if logits.dim() == 3 else logits, temperature, top_p, gen)
+        tok = sample(logits, temperature, top_p, generator)
         out[:, t] = torch.where(done, out[:, t], tok)
         lengths += (~done).long()
         done |= torch.isin(tok, eos)
-        if bool(done.all()) or t == max_new_tokens - 1:
+        if t == max_new_tokens - 1 or (eos_ids and bool(done.all())):
             break
-        logits = model(tok[:, None], pos=caches[0].pos[:, None].clone(), caches=caches)
+        logits = step(tok)
     return Generation(out[:, :int(lengths.max()) if B else 0], lengths, done, caches)
+
+
+class CudaGraphStep:
+    """The decode step `tok (B,) -> logits (B, vocab)` captured once as a CUDA graph and replayed. The caches are
+    preallocated and updated in place (positions included), so the graph's memory addresses never change. The
+    first two calls run eagerly (they are real steps, and warm up cuBLAS and the kernels before capture)."""
+
+    def __init__(self, model, caches, B):
+        self.model, self.caches, self.calls, self.graph = model, caches, 0, None
+        self.tok = torch.zeros(B, 1, dtype=torch.long, device=caches[0].k.device)
+
+    def run(self):
+        return self.model(self.tok, pos=self.caches[0].pos[:, None].clone(), caches=self.caches)[:, -1]
+
+    def __call__(self, tok):
+        self.tok.copy_(tok[:, None])
+        self.calls += 1
+        if self.calls == 1:  # warm-up on a side stream, as CUDA graph capture requires
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                out = self.run()
+            torch.cuda.current_stream().wait_stream(s)
+            return out
+        if self.graph is None:
+            out = self.run()  # a real step, then capture (capturing records kernels without running them)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self.run()
+            return out
+        self.graph.replay()
+        return self.logits.clone()
 
 
 # =====================================================================================================
@@ -690,6 +867,122 @@ def save(model: Transformer, tok: Tokenizer, path: str, extra_files: dict[str, s
 # <<< MATH SECTION END
 
 # =====================================================================================================
+# eval: batched generation + grading, with a summary and one JSONL row per completion
+# =====================================================================================================
+class Progress:
+    """One line per update on stderr: `label done/total  extra  elapsed  ETA`."""
+
+    def __init__(self, label: str, total: int, stream=None):
+        self.label, self.total, self.t0, self.stream = label, total, time.time(), stream or sys.stderr
+
+    def __call__(self, done: int, extra: str = ""):
+        el = time.time() - self.t0
+        eta = el / done * (self.total - done) if done else float("nan")
+        print(f"{self.label} {done}/{self.total}  {extra}  elapsed {el:.0f}s  ETA {eta:.0f}s", file=self.stream, flush=True)
+
+
+def record_prompt(tok: Tokenizer, rec: dict, chat: bool = True) -> str:
+    """The prompt text for a record: its own "prompt" if it has one, else the math template in the chat format."""
+    if "prompt" in rec:
+        return rec["prompt"]
+    text = math_prompt(rec["question"])
+    return tok.chat(text) if chat else text
+
+
+def majority(answers: list) -> str | None:
+    """The most common answer, counting equivalent answers (is_equiv) as one."""
+    groups: list[list[str]] = []
+    for a in answers:
+        if a is None:
+            continue
+        for g in groups:
+            if is_equiv(g[0], a):
+                g.append(a)
+                break
+        else:
+            groups.append([a])
+    return max(groups, key=len)[0] if groups else None
+
+
+def evaluate(model: Transformer, tok: Tokenizer, records: list[dict], *, max_new_tokens: int = 512,
+             batch_size: int = 16, samples: int = 1, temperature: float = 0.0, top_p: float = 1.0,
+             chat: bool = True, seed: int = 0, progress: bool = True) -> tuple[dict, list[dict]]:
+    """Generate `samples` completions per record, grade each, and summarise.
+
+    Returns (summary, rows): summary = {"n", "accuracy" (first sample per problem, pass@1), "mean_accuracy" and
+    "majority_accuracy" (with samples > 1), "mean_length", "truncated", "by_subject", "by_level"}; one row per completion.
+    """
+    was_training = model.training
+    model.eval()
+    stop = tok.stop_ids(model.cfg)
+    order = sorted(range(len(records)), key=lambda i: len(record_prompt(tok, records[i], chat)))
+    rows: list[dict] = [None] * (len(records) * samples)
+    show = Progress("eval", len(records)) if progress else None
+    done = 0
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
+        prompts = [tok.encode(record_prompt(tok, records[i], chat)) for i in idx]
+        g = generate(model, prompts, max_new_tokens, eos_ids=stop, temperature=temperature, top_p=top_p,
+                     n_samples=samples, seed=seed + b)
+        for r in range(len(idx) * samples):
+            rec = records[idx[r // samples]]
+            n = int(g.lengths[r])
+            text = tok.decode([t for t in g.tokens[r, :n].tolist() if t not in stop])
+            pred = extract_answer(text)
+            rows[idx[r // samples] * samples + r % samples] = dict(
+                id=rec.get("id", idx[r // samples]), sample=r % samples, question=rec.get("question", rec.get("prompt")),
+                gold=rec["answer"], completion=text, extracted=pred, correct=is_equiv(rec["answer"], pred),
+                length=n, truncated=not bool(g.stopped[r]),
+                **{k: rec[k] for k in ("subject", "level") if k in rec})
+        done += len(idx)
+        if show:
+            show(done, f"acc {sum(r['correct'] for r in rows if r and r['sample'] == 0) / done:.3f}")
+    model.train(was_training)
+    return summarise(rows, samples), rows
+
+
+def summarise(rows: list[dict], samples: int) -> dict:
+    first = [r for r in rows if r["sample"] == 0]
+    mean = lambda xs: sum(xs) / len(xs) if xs else 0.0
+    s = dict(n=len(first), samples=samples, accuracy=mean([r["correct"] for r in first]),
+             mean_length=mean([r["length"] for r in rows]), truncated=mean([r["truncated"] for r in rows]))
+    if samples > 1:
+        s["mean_accuracy"] = mean([r["correct"] for r in rows])
+        per = [rows[i:i + samples] for i in range(0, len(rows), samples)]
+        s["majority_accuracy"] = mean([is_equiv(p[0]["gold"], majority([r["extracted"] for r in p])) for p in per])
+    for key in ("subject", "level"):
+        groups: dict = {}
+        for r in first:
+            if key in r:
+                groups.setdefault(str(r[key]), []).append(r["correct"])
+        if groups:
+            s[f"by_{key}"] = {k: {"n": len(v), "accuracy": mean(v)} for k, v in sorted(groups.items())}
+    return s
+
+
+def cmd_eval(a):
+    model, tok = load(a.model, a.dtype, a.device)
+    if a.window is not None:
+        model.set_window(a.window)
+    records = load_dataset(a.data)[:a.limit]
+    if not records:
+        raise SwarrError(f"{a.data}: no records to evaluate")
+    summary, rows = evaluate(model, tok, records, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size,
+                             samples=a.samples, temperature=a.temperature, chat=not a.raw, seed=a.seed)
+    summary.update(model=a.model, data=a.data, window=a.window)
+    out = a.out or os.path.join("runs", "eval-" + os.path.basename(a.model.rstrip("/")))
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "samples.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    line = f"accuracy {summary['accuracy']:.4f} on {summary['n']} problems"
+    if a.samples > 1:
+        line += f" (mean of {a.samples} samples {summary['mean_accuracy']:.4f}, majority {summary['majority_accuracy']:.4f})"
+    print(f"{line}; mean length {summary['mean_length']:.1f} tokens; truncated {summary['truncated']:.1%}; "
+          f"wrote {out}/summary.json and {out}/samples.jsonl")
+
+# =====================================================================================================
 # command line
 # =====================================================================================================
 def cmd_generate(a):
@@ -722,6 +1015,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0)
     g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("eval", help="generate and grade completions for a math dataset (GSM8K, MATH, JSONL)")
+    common(e)
+    e.add_argument("--data", required=True, help="JSONL: GSM8K (question/answer), MATH (problem/solution), or prompt/answer")
+    e.add_argument("--limit", type=int, default=None, help="first N problems only")
+    e.add_argument("--samples", type=int, default=1, help="completions per problem (mean and majority accuracy)")
+    e.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    e.add_argument("--max-new-tokens", type=int, default=512)
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--raw", action="store_true", help="do not wrap prompts in the model's chat format")
+    e.add_argument("--out", default=None, help="folder for summary.json and samples.jsonl (default runs/eval-MODEL)")
+    e.set_defaults(func=cmd_eval)
     return p
 
 

@@ -1,0 +1,51 @@
+"""`python swarr.py eval` end to end on a tiny checkpoint and a small JSONL."""
+import json
+import subprocess
+import sys
+
+import swarr
+
+
+def test_eval_end_to_end(ckpts, tmp_path):
+    data = tmp_path / "small.jsonl"
+    recs = [{"prompt": f"What is {i}+{i}?", "answer": str(2 * i)} for i in range(5)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, swarr.__file__, "eval", "--model", str(ckpts["Qwen2ForCausalLM"]),
+                        "--data", str(data), "--window", "8", "--max-new-tokens", "6", "--samples", "3",
+                        "--temperature", "1.0", "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "eval 5/5" in r.stderr and "ETA" in r.stderr  # progress
+    summary = json.loads((out / "summary.json").read_text())
+    rows = [json.loads(l) for l in (out / "samples.jsonl").read_text().splitlines()]
+    assert summary["n"] == 5 and summary["samples"] == 3 and len(rows) == 15
+    first = [r for r in rows if r["sample"] == 0]
+    assert summary["accuracy"] == sum(r["correct"] for r in first) / 5
+    assert summary["mean_accuracy"] == sum(r["correct"] for r in rows) / 15
+    assert summary["truncated"] == sum(r["truncated"] for r in rows) / 15
+    assert abs(summary["mean_length"] - sum(r["length"] for r in rows) / 15) < 1e-9
+    for row in rows:  # every verdict is the grader's verdict on the stored completion
+        assert row["extracted"] == swarr.extract_answer(row["completion"])
+        assert row["correct"] == swarr.is_equiv(row["gold"], row["extracted"])
+
+
+def test_evaluate_counts_correct_answers(ckpts):
+    """A record whose gold answer is exactly what the model says greedily is graded correct, others not."""
+    model, tok = swarr.load(str(ckpts["LlamaForCausalLM"]))
+    rec = {"prompt": "Hello", "answer": "0"}
+    _, rows = swarr.evaluate(model, tok, [rec], max_new_tokens=8, progress=False)
+    said = rows[0]["completion"]
+    good = {"prompt": "Hello", "answer": "7"}
+    model_says = swarr.generate(model, [tok.encode("Hello")], 8, eos_ids=tok.stop_ids(model.cfg))
+    assert tok.decode(model_says.tokens[0, :int(model_says.lengths[0])].tolist()).startswith(said[:5])
+    # force a known answer: a completion grader check through summarise
+    rows2 = [dict(rows[0], gold="7", extracted="7", correct=True, sample=0)]
+    assert swarr.summarise(rows2, 1)["accuracy"] == 1.0
+
+
+def test_eval_bad_data(ckpts, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "answer": "1"}\n{oops\n')
+    r = subprocess.run([sys.executable, swarr.__file__, "eval", "--model", str(ckpts["Qwen2ForCausalLM"]),
+                        "--data", str(bad)], capture_output=True, text=True)
+    assert r.returncode == 2 and "bad.jsonl" in r.stderr and "2" in r.stderr and "Traceback" not in r.stderr
