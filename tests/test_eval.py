@@ -29,18 +29,10 @@ def test_eval_end_to_end(ckpts, tmp_path):
         assert row["correct"] == swarr.is_equiv(row["gold"], row["extracted"])
 
 
-def test_evaluate_counts_correct_answers(ckpts):
-    """A record whose gold answer is exactly what the model says greedily is graded correct, others not."""
-    model, tok = swarr.load(str(ckpts["LlamaForCausalLM"]))
-    rec = {"prompt": "Hello", "answer": "0"}
-    _, rows = swarr.evaluate(model, tok, [rec], max_new_tokens=8, progress=False)
-    said = rows[0]["completion"]
-    good = {"prompt": "Hello", "answer": "7"}
-    model_says = swarr.generate(model, [tok.encode("Hello")], 8, eos_ids=tok.stop_ids(model.cfg))
-    assert tok.decode(model_says.tokens[0, :int(model_says.lengths[0])].tolist()).startswith(said[:5])
-    # force a known answer: a completion grader check through summarise
-    rows2 = [dict(rows[0], gold="7", extracted="7", correct=True, sample=0)]
-    assert swarr.summarise(rows2, 1)["accuracy"] == 1.0
+def test_majority_vote_groups_equivalent_answers():
+    assert swarr.majority(["3", "1/2", "0.5", "\\frac12", "3", None]) == "1/2"  # 3 equivalent beat 2 equal
+    assert swarr.majority(["7", None, "7.0", "8"]) == "7"
+    assert swarr.majority([None, None]) is None
 
 
 def test_eval_bad_data(ckpts, tmp_path):

@@ -243,3 +243,9 @@ def test_cli_generate_and_errors(ckpts, tmp_path):
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "not found" in r.stderr
     r = run("generate", "--model", str(ckpts["Qwen2ForCausalLM"]), "--prompt", "x", "--window", "0")
     assert r.returncode == 2 and "window" in r.stderr
+
+
+def test_decode_skips_ids_without_a_token(ckpts):
+    tok = swarr.Tokenizer(str(ckpts["LlamaForCausalLM"] / "tokenizer.json"))
+    ids = tok.encode("hi there")
+    assert tok.decode(ids[:1] + [tok.vocab_size + 5] + ids[1:]) == "hi there"  # a padded-embedding id is skipped
