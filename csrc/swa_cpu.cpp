@@ -32,6 +32,13 @@ constexpr int64_t BK = 64;  // keys per tile
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Work items per thread-pool task: waking the pool costs tens of microseconds when the cores are busy, so small
+// problems (short prompts, one decode token, gradcheck) run on the calling thread. Items of ~2^18 multiply-adds
+// or more are spread over the threads one by one.
+int64_t grain_for(int64_t macs_per_item) {
+  return std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, macs_per_item));
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // SIMD through the GCC/Clang vector extension: Vec<T> is 64 bytes (16 floats or 8 doubles) and arithmetic on it is
 // element-wise; the compiler maps it onto what the target has (one AVX-512 register, two AVX2 ones, four NEON ...).
@@ -94,7 +101,7 @@ inline Vec<double> exp_lanes(Vec<double> x) {  // float64 is for checking, not f
 // ---------------------------------------------------------------------------------------------------------------
 // The one matrix multiply:   out[a][c] (+)= sum_b M(a, b) * X[b][c],   M(a, b) = M[a * sa + b * sb].
 // A block of R rows x NV vectors of `out` is held in registers (acc) for the whole sum over b: each step loads NV
-// vectors of X once and feeds them to R multiply-adds with broadcast elements of M. M is only read one element at
+// vectors of X once and feeds them to R x NV multiply-adds with broadcast elements of M. M is only read one element at
 // a time, so its strides are free and the same routine serves Q K^T, P V and the transposed backward products.
 template <int R, int NV, bool Acc, typename T>
 inline void gemm_block(T* out, int64_t ldo, const T* M, int64_t sa, int64_t sb, const T* X, int64_t ldx, int64_t nb) {
@@ -114,12 +121,19 @@ inline void gemm_block(T* out, int64_t ldo, const T* M, int64_t sa, int64_t sb, 
     for (int v = 0; v < NV; ++v) store(out + r * ldo + v * L, acc[r][v]);
 }
 
+// Rows per register block: 8 x 2 accumulators fit AVX-512's 32 vector registers; with 16 (AVX2, NEON) use 4.
+#ifdef __AVX512F__
+constexpr int kRows = 8;
+#else
+constexpr int kRows = 4;
+#endif
+
 template <int NV, bool Acc, typename T>
 inline void gemm_rows(T* out, int64_t ldo, const T* M, int64_t sa, int64_t sb, const T* X, int64_t ldx, int64_t na,
                       int64_t nb) {
-  constexpr int R = 4;
   int64_t a = 0;
-  for (; a + R <= na; a += R) gemm_block<R, NV, Acc>(out + a * ldo, ldo, M + a * sa, sa, sb, X, ldx, nb);
+  for (; a + kRows <= na; a += kRows) gemm_block<kRows, NV, Acc>(out + a * ldo, ldo, M + a * sa, sa, sb, X, ldx, nb);
+  for (; a + 4 <= na; a += 4) gemm_block<4, NV, Acc>(out + a * ldo, ldo, M + a * sa, sa, sb, X, ldx, nb);
   for (; a < na; ++a) gemm_block<1, NV, Acc>(out + a * ldo, ldo, M + a * sa, sa, sb, X, ldx, nb);
 }
 
@@ -227,7 +241,8 @@ struct Dims {
 template <typename T>
 void forward_kernel(const T* q, const T* k, const T* v, T* out, T* lse, Dims s, T scale) {
   const int64_t D = s.D, N = s.N, rep = s.rep(), n_qt = ceil_div(N, BQ);
-  at::parallel_for(0, s.B * s.Hkv * n_qt, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = grain_for(rep * BQ * std::min(N, s.W + BQ) * D);
+  at::parallel_for(0, s.B * s.Hkv * n_qt, grain, [&](int64_t begin, int64_t end) {
     // Per-thread tile state for the `rep` query heads of one kv head.
     std::vector<T> Qt(rep * D * BQ), Ot(rep * D * BQ), m(rep * BQ), l(rep * BQ), S(BK * BQ);
     for (int64_t item = begin; item < end; ++item) {
@@ -283,7 +298,8 @@ void backward_kernel(const T* dout, const T* q, const T* k, const T* v, const T*
   const int64_t n_runs = ceil_div(n_qt, run);
   for (int64_t colour = 0; colour < 2; ++colour) {
     const int64_t runs_this_colour = (n_runs - colour + 1) / 2;  // runs colour, colour + 2, colour + 4, ...
-    at::parallel_for(0, s.B * s.Hkv * runs_this_colour, 1, [&](int64_t begin, int64_t end) {
+    const int64_t grain = grain_for(run * rep * BQ * std::min(N, s.W + BQ) * D);
+    at::parallel_for(0, s.B * s.Hkv * runs_this_colour, grain, [&](int64_t begin, int64_t end) {
       std::vector<T> Qt(rep * D * BQ), Qs(rep * BQ * D), dOt(rep * D * BQ), dO(rep * BQ * D), dQt(rep * D * BQ);
       std::vector<T> lse_t(rep * BQ), delta(rep * BQ), P(BK * BQ), dS(BK * BQ);
       for (int64_t item = begin; item < end; ++item) {
@@ -340,19 +356,34 @@ void backward_kernel(const T* dout, const T* q, const T* k, const T* v, const T*
 // ---------------------------------------------------------------------------------------------------------------
 // Decode: one new query per row against a cache, attending slots [0, valid[b]). With a ring buffer of W slots
 // valid <= W, so the cost per token is bounded by the window, never by the position in the sequence.
-template <typename V>
-inline auto hsum(V v) {  // sum of the lanes
-  auto s = v[0];
-  for (size_t l = 1; l < sizeof(V) / sizeof(s); ++l) s += v[l];
-  return s;
+// Sum of the lanes: add the two halves of the vector until two lanes are left (log2(lanes) shuffle + add steps).
+template <typename T, int Bytes>
+struct HalfVec {
+  typedef T type __attribute__((vector_size(Bytes / 2)));
+};
+template <typename T, int Bytes = 64, typename V>
+inline T hsum(const V& v) {
+  if constexpr (Bytes == 2 * sizeof(T)) {
+    return v[0] + v[1];
+  } else {
+    typename HalfVec<T, Bytes>::type lo, hi;
+    std::memcpy(&lo, &v, Bytes / 2);
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + Bytes / 2, Bytes / 2);
+    return hsum<T, Bytes / 2>(lo + hi);
+  }
 }
 
 template <typename T>
 inline T dot(const T* a, const T* b, int64_t n) {
-  Vec<T> acc{};
+  constexpr int64_t L = kLanes<T>;
+  Vec<T> acc0{}, acc1{};  // two independent chains of multiply-adds
   int64_t d = 0;
-  for (; d + kLanes<T> <= n; d += kLanes<T>) acc += load(a + d) * load(b + d);
-  T sum = hsum(acc);
+  for (; d + 2 * L <= n; d += 2 * L) {
+    acc0 += load(a + d) * load(b + d);
+    acc1 += load(a + d + L) * load(b + d + L);
+  }
+  for (; d + L <= n; d += L) acc0 += load(a + d) * load(b + d);
+  T sum = hsum<T>(acc0 + acc1);
   for (; d < n; ++d) sum += a[d] * b[d];
   return sum;
 }
@@ -367,7 +398,7 @@ T exp_and_sum(T* p, int64_t n, T shift) {
     store(p + j, e);
     acc += e;
   }
-  T sum = hsum(acc);
+  T sum = hsum<T>(acc);
   for (; j < n; ++j) sum += (p[j] = std::exp(p[j] - shift));
   return sum;
 }
@@ -376,11 +407,8 @@ template <typename T>
 void decode_kernel(const T* q, const T* kc, const T* vc, const int64_t* valid, T* out, int64_t B, int64_t Hq,
                    int64_t Hkv, int64_t S, int64_t D, T scale) {
   const int64_t rep = Hq / Hkv;
-  // A token's work is small: waking the thread pool (tens of microseconds when cores are busy) only pays off once
-  // a thread gets ~2^18 multiply-adds.
   const int64_t max_valid = B > 0 ? *std::max_element(valid, valid + B) : 0;
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, max_valid * D * (rep + 1)));
-  at::parallel_for(0, B * Hkv, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * Hkv, grain_for(max_valid * D * 2 * rep), [&](int64_t begin, int64_t end) {
     std::vector<T> P;
     for (int64_t bkv = begin; bkv < end; ++bkv) {
       const int64_t n = valid[bkv / Hkv];

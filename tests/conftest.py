@@ -75,7 +75,3 @@ def ckpts(tmp_path_factory):
     out["tied"] = root / "tied"
     make_checkpoint(out["tied"], "LlamaForCausalLM", seed=2, tie_word_embeddings=True)
     return out
-
-import swarr  # noqa: E402
-if not hasattr(swarr, "attention"):  # TEMP until the extension section lands
-    swarr.attention, swarr.decode = swarr.attention_ref, swarr.decode_ref

@@ -1,0 +1,305 @@
+"""The compiled windowed attention (csrc/) against the PyTorch reference in swarr.py.
+
+CPU tests always run (the extension must build wherever a C++ compiler is present); CUDA tests skip without a
+GPU; the nvcc test compiles the CUDA sources wherever nvcc is installed, so a CUDA compile error fails here too.
+Inputs are fresh random normals; references are computed in float64.
+"""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import swarr  # noqa: E402
+
+# (B, Hq, Hkv, N, D, W): the guide's edge cases -- N in {1, W-1, W, W+1, 2W, 2W+3}, W = 1, W >= N, grouped-query
+# attention, batch > 1, lengths that are not multiples of the CPU tiles (32 queries, 64 keys), odd head dims.
+CASES = [
+    (1, 2, 1, 1, 16, 4),      # a single token
+    (2, 4, 2, 15, 16, 16),    # N = W - 1
+    (1, 2, 2, 16, 32, 16),    # N = W
+    (1, 4, 1, 17, 16, 16),    # N = W + 1
+    (2, 2, 1, 32, 16, 16),    # N = 2W
+    (1, 6, 3, 35, 64, 16),    # N = 2W + 3, GQA 2
+    (2, 2, 2, 100, 24, 1),    # W = 1 (each query sees itself), head dim not a multiple of 16
+    (1, 4, 2, 70, 8, 200),    # W >= N: plain causal attention
+    (1, 8, 2, 131, 64, 33),   # GQA 4, N and W off the tile sizes
+    (2, 4, 4, 97, 40, 64),
+    (1, 2, 1, 300, 64, 256),  # several query tiles with a window wider than a tile
+]
+IDS = [f"B{b}-H{h}/{hk}-N{n}-D{d}-W{w}" for b, h, hk, n, d, w in CASES]
+
+
+@pytest.fixture(scope="module")
+def ops():
+    ops = swarr.load_extension()
+    assert ops is not None, f"the extension did not build: {swarr._EXT['why']}"
+    return ops
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Kernels NaN-fill their outputs before writing: an element they skip stays NaN and fails the comparison."""
+    monkeypatch.setenv("SWARR_POISON", "1")
+
+
+@pytest.fixture
+def backend():
+    """Restore the backend after a test that changes it."""
+    yield
+    swarr.set_backend("auto")
+
+
+def qkv(B, Hq, Hkv, N, D, dtype=torch.float64, device="cpu", grad=False):
+    return [torch.randn(B, h, N, D, dtype=dtype, device=device, requires_grad=grad) for h in (Hq, Hkv, Hkv)]
+
+
+def rel_err(a, b):
+    """max |a - b| relative to the size of b (at least 1: exact zeros, e.g. dq for W = 1, stay meaningful)."""
+    a, b = a.double(), b.double()
+    assert not torch.isnan(a).any(), "NaN in the output: an element was never written"
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1.0)).item()
+
+
+def lse_ref(q, k, window, scale):
+    rep = q.shape[1] // k.shape[1]
+    s = q @ k.repeat_interleave(rep, 1).transpose(-1, -2) * scale
+    s = s.masked_fill(~swarr.window_mask(q.shape[2], k.shape[2], window, q.device), float("-inf"))
+    return torch.logsumexp(s, -1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CPU
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_forward_cpu(ops, poison, case):
+    B, Hq, Hkv, N, D, W = case
+    q, k, v = qkv(B, Hq, Hkv, N, D)
+    scale = D ** -0.5
+    ref = swarr.attention_ref(q, k, v, W)
+    out, lse = ops.fwd(q.float(), k.float(), v.float(), W, scale)  # float32 kernel vs float64 reference
+    assert out.dtype == torch.float32 and out.shape == q.shape and lse.shape == (B, Hq, N)
+    assert rel_err(out, ref) < 1e-4
+    assert rel_err(lse, lse_ref(q, k, W, scale)) < 1e-4
+    out64, _ = ops.fwd(q, k, v, W, scale)  # the float64 instantiation agrees to rounding
+    assert rel_err(out64, ref) < 1e-12
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_backward_cpu(ops, poison, case):
+    B, Hq, Hkv, N, D, W = case
+    q, k, v = qkv(B, Hq, Hkv, N, D, grad=True)
+    ref = swarr.attention_ref(q, k, v, W)
+    dout = torch.randn_like(ref)
+    grads_ref = torch.autograd.grad(ref, (q, k, v), dout)
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    out = swarr.attention(q32, k32, v32, W)
+    grads = torch.autograd.grad(out, (q32, k32, v32), dout.float())
+    for name, g, gr in zip("qkv", grads, grads_ref):
+        assert g.shape == gr.shape and rel_err(g, gr) < 1e-4, f"d{name}"
+
+
+def test_gradcheck_cpu(ops):
+    """torch.autograd.gradcheck through swarr.attention, which runs the float64 CPU kernel."""
+    assert swarr.backend_name() == "ext"
+    for B, Hq, Hkv, N, D, W in [(1, 2, 1, 9, 4, 3), (2, 2, 2, 5, 3, 1), (1, 4, 2, 7, 8, 16)]:
+        q, k, v = qkv(B, Hq, Hkv, N, D, grad=True)
+        assert torch.autograd.gradcheck(lambda q, k, v: swarr.attention(q, k, v, W), (q, k, v))
+
+
+def test_full_attention_and_scale(ops):
+    q, k, v = qkv(2, 4, 2, 50, 16)
+    assert rel_err(swarr.attention(q, k, v, None), swarr.attention_ref(q, k, v, None)) < 1e-12
+    assert rel_err(swarr.attention(q, k, v, 7, scale=0.3), swarr.attention_ref(q, k, v, 7, scale=0.3)) < 1e-12
+
+
+def test_wrapper_casts_and_makes_contiguous(ops):
+    """bf16 inputs are computed in float32 on the CPU and returned as bf16; (B, N, H, D) views are accepted."""
+    x = torch.randn(2, 40, 4, 16)  # (B, N, H, D) as a projection produces it
+    q = x.transpose(1, 2)          # non-contiguous (B, H, N, D)
+    k, v = torch.randn(2, 2, 40, 16), torch.randn(2, 2, 40, 16)
+    ref = swarr.attention_ref(q.double(), k.double(), v.double(), 9)
+    assert rel_err(swarr.attention(q, k, v, 9), ref) < 1e-4
+    out = swarr.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 9)
+    assert out.dtype == torch.bfloat16 and rel_err(out, ref) < 3e-2
+
+
+def ring_caches(lengths, W, Hkv, D, dtype=torch.float64):
+    """Simulate decoding: row b has seen lengths[b] tokens; its ring buffer holds the last min(len, W) of them at
+    slot = position % W. Returns the full key/value sequences and the caches."""
+    B, T = len(lengths), max(lengths)
+    k_seq, v_seq = torch.randn(B, Hkv, T, D, dtype=dtype), torch.randn(B, Hkv, T, D, dtype=dtype)
+    k_cache = torch.randn(B, Hkv, W, D, dtype=dtype)  # unwritten slots hold garbage, never zeros
+    v_cache = torch.randn(B, Hkv, W, D, dtype=dtype)
+    for b, n in enumerate(lengths):
+        for pos in range(max(0, n - W), n):
+            k_cache[b, :, pos % W], v_cache[b, :, pos % W] = k_seq[b, :, pos], v_seq[b, :, pos]
+    valid = torch.tensor([min(n, W) for n in lengths])
+    return k_seq, v_seq, k_cache, v_cache, valid
+
+
+@pytest.mark.parametrize("W,Hq,Hkv,D", [(16, 4, 2, 16), (1, 2, 1, 8), (37, 8, 2, 64), (5, 3, 3, 24)])
+def test_decode_cpu(ops, poison, W, Hq, Hkv, D):
+    # rows at different lengths: before the buffer fills, full, right after wrap-around, long after it
+    lengths = [1, W - 1 or 1, W, W + 1, 2 * W, 2 * W + 3]
+    k_seq, v_seq, k_cache, v_cache, valid = ring_caches(lengths, W, Hkv, D)
+    q = torch.randn(len(lengths), Hq, D, dtype=torch.float64)
+    ref = swarr.decode_ref(q, k_cache, v_cache, valid)
+    assert rel_err(ops.decode(q.float(), k_cache.float(), v_cache.float(), valid, D ** -0.5), ref) < 1e-4
+    assert rel_err(swarr.decode(q, k_cache, v_cache, valid), ref) < 1e-12
+    # and the ring buffer means exactly the window: the last query of the sequence under windowed attention
+    for b, n in enumerate(lengths):
+        q_seq = torch.zeros(1, Hq, n, D, dtype=q.dtype)
+        q_seq[0, :, -1] = q[b]
+        last = swarr.attention_ref(q_seq, k_seq[b:b + 1, :, :n], v_seq[b:b + 1, :, :n], W)[0, :, -1]
+        assert rel_err(swarr.decode(q[b:b + 1], k_cache[b:b + 1], v_cache[b:b + 1], valid[b:b + 1])[0], last) < 1e-12
+
+
+def test_bad_inputs_raise(ops):
+    q, k, v = qkv(1, 4, 2, 10, 8, dtype=torch.float32)
+    q1, scale = q[:, :, 0].contiguous(), 0.5  # one decode query per row
+    bad = {
+        "window 0": lambda: ops.fwd(q, k, v, 0, scale),
+        "int dtype": lambda: ops.fwd(q.int(), k.int(), v.int(), 4, scale),
+        "dtype mismatch": lambda: ops.fwd(q, k.double(), v, 4, scale),
+        "non-contiguous": lambda: ops.fwd(q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3), 4, scale),
+        "3-D input": lambda: ops.fwd(q[0], k[0], v[0], 4, scale),
+        "heads not a multiple": lambda: ops.fwd(torch.randn(1, 3, 10, 8), k, v, 4, scale),
+        "k/v shapes differ": lambda: ops.fwd(q, k, v[:, :, :5].contiguous(), 4, scale),
+        "length mismatch": lambda: ops.fwd(q[:, :, :5].contiguous(), k, v, 4, scale),
+        "bwd lse shape": lambda: ops.bwd(q, q, k, v, q, torch.zeros(1, 4, 9), 4, scale),
+        "decode valid 0": lambda: ops.decode(q1, k, v, torch.tensor([0]), scale),
+        "decode valid > S": lambda: ops.decode(q1, k, v, torch.tensor([11]), scale),
+        "decode valid int32": lambda: ops.decode(q1, k, v, torch.tensor([3], dtype=torch.int32), scale),
+        "decode valid shape": lambda: ops.decode(q1, k, v, torch.tensor([3, 3]), scale),
+    }
+    for name, call in bad.items():
+        with pytest.raises(RuntimeError, match="swarr"):
+            call()
+            pytest.fail(f"no error for {name}")
+
+
+def test_backend_switch(ops, backend):
+    q, k, v = qkv(1, 2, 1, 20, 8)
+    assert swarr.backend_name() == "ext"
+    swarr.set_backend("ref")
+    assert swarr.backend_name() == "ref"
+    assert rel_err(swarr.attention(q, k, v, 5), swarr.attention_ref(q, k, v, 5)) < 1e-12
+    swarr.set_backend("ext")
+    assert swarr.backend_name() == "ext"
+    with pytest.raises(swarr.SwarrError):
+        swarr.set_backend("fast")
+
+
+def test_model_ext_matches_ref(ops, backend):
+    """A small GQA model with a windowed and a full layer: same logits, gradients and greedy tokens on both."""
+    torch.manual_seed(0)
+    cfg = swarr.Config(arch="LlamaForCausalLM", vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                       head_dim=16, hidden_dim=96, windows=[6, None])
+    model = swarr.Transformer(cfg).double()
+    idx = torch.randint(0, 97, (2, 23))
+    results = {}
+    for name in ("ref", "ext"):
+        swarr.set_backend(name)
+        model.zero_grad()
+        logits = model(idx)
+        logits.square().mean().backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        gen = swarr.generate(model, [[1, 2, 3, 4, 5, 6, 7, 8], [9, 10]], 12)
+        results[name] = (logits.detach(), grads, gen.tokens)
+    (l_ref, g_ref, t_ref), (l_ext, g_ext, t_ext) = results["ref"], results["ext"]
+    assert rel_err(l_ext, l_ref) < 1e-10
+    assert max(rel_err(a, b) for a, b in zip(g_ext, g_ref)) < 1e-10
+    assert torch.equal(t_ext, t_ref)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES + [(1, 4, 2, 200, 128, 70), (2, 8, 2, 513, 64, 100)],
+                         ids=IDS + ["D128", "D64-long"])
+def test_forward_backward_cuda(ops, poison, dtype, case):
+    B, Hq, Hkv, N, D, W = case
+    assert swarr._EXT["cuda"], "CUDA is available but the extension was built without it"
+    q, k, v = (t.to(dtype) for t in qkv(B, Hq, Hkv, N, D, dtype=torch.float32, device="cuda"))
+    q, k, v = (t.double().requires_grad_() for t in (q, k, v))  # the reference sees the same rounded inputs
+    ref = swarr.attention_ref(q, k, v, W)
+    dout = torch.randn_like(ref).to(dtype)
+    grads_ref = torch.autograd.grad(ref, (q, k, v), dout.double())
+    qd, kd, vd = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+    out = swarr.attention(qd, kd, vd, W)
+    assert out.dtype == dtype and rel_err(out, ref) < TOL[dtype]
+    _, lse = ops.fwd(qd.detach(), kd.detach(), vd.detach(), W, D ** -0.5)
+    assert rel_err(lse, lse_ref(q.detach(), k.detach(), W, D ** -0.5)) < TOL[dtype]
+    grads = torch.autograd.grad(out, (qd, kd, vd), dout)
+    for name, g, gr in zip("qkv", grads, grads_ref):
+        assert rel_err(g, gr) < 4 * TOL[dtype], f"d{name}"
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_decode_cuda(ops, poison, dtype):
+    W, Hq, Hkv, D = 37, 8, 2, 64
+    lengths = [1, W - 1, W, W + 1, 2 * W + 3]
+    _, _, k_cache, v_cache, valid = ring_caches(lengths, W, Hkv, D, dtype=torch.float32)
+    q = torch.randn(len(lengths), Hq, D)
+    q, k_cache, v_cache = (t.to(dtype).cuda() for t in (q, k_cache, v_cache))
+    ref = swarr.decode_ref(q.double(), k_cache.double(), v_cache.double(), valid.cuda())
+    out = swarr.decode(q, k_cache, v_cache, valid.cuda())
+    assert out.dtype == dtype and rel_err(out, ref) < TOL[dtype]
+
+
+@cuda
+def test_bad_inputs_cuda(ops):
+    q, k, v = qkv(1, 4, 2, 10, 8, dtype=torch.float32, device="cuda")
+    for call in (lambda: ops.fwd(q, k, v, 0, 0.5), lambda: ops.fwd(q.double(), k.double(), v.double(), 4, 0.5),
+                 lambda: ops.fwd(q, k.cpu(), v, 4, 0.5), lambda: ops.fwd(q.transpose(2, 3), k, v, 4, 0.5)):
+        with pytest.raises(RuntimeError, match="swarr"):
+            call()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The CUDA sources compile (no GPU needed, only nvcc)
+
+
+def _nvcc():
+    from torch.utils.cpp_extension import CUDA_HOME
+    path = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else None
+    return path if path and os.path.exists(path) else shutil.which("nvcc")
+
+
+@pytest.mark.skipif(_nvcc() is None, reason="nvcc not found")
+def test_cuda_sources_compile(tmp_path):
+    """nvcc compiles the kernels (sm_80: mma.sync, ldmatrix, cp.async) and the torch glue.
+    torch's CPU-only wheels lack one generated header of c10/cuda; a stand-in is written for the check."""
+    nvcc = _nvcc()
+    csrc = ROOT / "csrc"
+    r = subprocess.run([nvcc, "-c", "-std=c++17", "-arch=sm_80", "-O3", "-Xptxas", "-warn-spills",
+                        str(csrc / "swa_cuda.cu"), "-o", str(tmp_path / "swa_cuda.o")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "spill" not in r.stderr, r.stderr[-4000:]
+
+    from torch.utils.cpp_extension import include_paths
+    incs = include_paths()
+    if not any((Path(p) / "c10/cuda/impl/cuda_cmake_macros.h").exists() for p in incs):
+        stub = tmp_path / "inc" / "c10" / "cuda" / "impl"
+        stub.mkdir(parents=True)
+        (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+        incs = [str(tmp_path / "inc")] + incs
+    # nvcc hands a .cpp file to the host compiler, adding CUDA's own include folder
+    args = [nvcc, "-c", "-std=c++17"] + [f"-I{p}" for p in incs]
+    r = subprocess.run(args + [str(csrc / "swa_cuda.cpp"), "-o", str(tmp_path / "glue.o")], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr[-4000:]
