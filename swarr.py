@@ -1594,10 +1594,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--raw", action="store_true", help="do not wrap prompts in the model's chat format")
     e.add_argument("--out", default=None, help="folder for summary.json and samples.jsonl (default runs/eval-MODEL)")
     e.set_defaults(func=cmd_eval)
+
+    sub.add_parser("demo", add_help=False, help="the main job: SA+SFT, SWA+SFT, SWARR and a control on the embedded "
+                   "tiny model and task, a few minutes on a CPU (python swarr.py demo --help: its flags, in demo.py)")
     return p
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["demo"]:  # demo.py runs train_sft/train_rl, which import this file: import it lazily
+        import demo
+        return demo.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
@@ -1607,4 +1614,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    sys.modules.setdefault("swarr", sys.modules[__name__])  # `import swarr` elsewhere gets this module, not a copy
     main()
