@@ -168,24 +168,13 @@ def measure(model, tok, tests, args, name, window):
 
 def speed(model, args):
     """Decode tokens/s and KV-cache bytes of this model as SA and as SWA, batch 16, at --context tokens
-    (bench.py's e2e measurement, which runs swarr.decode_loop, the generation path itself)."""
+    (bench.decode_rate: bench.py e2e's measurement, which runs swarr.decode_loop, the generation path itself)."""
     import bench
-    if not hasattr(bench, "decode_row"):  # TEMP until bench e2e lands
-        def decode_row(m, B, context, steps):
-            caches = swarr.make_caches(m, B, context + steps + 1)
-            for c in caches:
-                c.k.normal_(); c.v.normal_(); c.pos.fill_(min(context, c.slots) if c.window else context)
-                c.pos.fill_(context)
-            logits = torch.randn(B, m.cfg.vocab_size)
-            t = time.perf_counter()
-            swarr.decode_loop(m, caches, logits, steps)
-            return dict(tokens_per_s=B * steps / (time.perf_counter() - t), kv_bytes=sum(c.nbytes() for c in caches))
-        bench.decode_row = decode_row
     out = {}
     for name, w in (("SA", None), ("SWA", args.window)):
         m = copy.deepcopy(model).eval()
         m.set_window(w)
-        out[name] = bench.decode_row(m, B=16, context=args.context, steps=8)
+        out[name] = bench.decode_rate(m, B=16, C=args.context, steps=8)
     return out
 
 
@@ -236,9 +225,9 @@ def report(res: dict) -> str:
         f"{k} {'yes' if v else 'NO'}" for k, v in ck.items()) + ".", ""]
     lines += [f"Decode at {a['context']} tokens of context, batch 16, this model (`bench.py e2e`'s measurement):", "",
               "| | decode tokens/s | KV-cache bytes |", "|---|---|---|",
-              f"| SA | {s['SA']['tokens_per_s']:.0f} | {s['SA']['kv_bytes']:,} |",
-              f"| SWA (W = {a['window']}) | {s['SWA']['tokens_per_s']:.0f} | {s['SWA']['kv_bytes']:,} |",
-              f"| SWA / SA | {s['SWA']['tokens_per_s'] / s['SA']['tokens_per_s']:.1f}x | "
+              f"| SA | {s['SA']['tok_s']:.0f} | {s['SA']['kv_bytes']:,} |",
+              f"| SWA (W = {a['window']}) | {s['SWA']['tok_s']:.0f} | {s['SWA']['kv_bytes']:,} |",
+              f"| SWA / SA | {s['SWA']['tok_s'] / s['SA']['tok_s']:.1f}x | "
               f"{s['SA']['kv_bytes'] / s['SWA']['kv_bytes']:.0f}x less |", "",
               f"(The paper reports about {PAPER_THROUGHPUT}x throughput over SA at 32k context for its models.)", "",
               "![accuracy and reward over RL steps](rl_curve.svg)", ""]
