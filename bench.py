@@ -211,7 +211,7 @@ def bench_kernel(args) -> dict:
         if N <= 2048:
             cands["SDPA banded"] = (fwd_bwd(lambda q, k, v: sdpa_banded(q, k, v, mask)), inputs(N, True))
         rows.append({"op": "fwd+bwd", "N": N, "W": W, "gflop": 3.5 * flops / 1e9, **measure(cands, reps)})
-        del mask
+        mask = None  # free the N x N mask before the next size
     if any(r["op"] == "fwd+bwd" for r in rows):
         notes.append("flex has no CPU backward; SDPA banded fwd+bwd only at N=2048 (N^2 activations)")
 
@@ -775,22 +775,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def run_sections(args) -> dict:
+    if args.section in ("e2e", "all"):
+        e2e_options(args)  # bad e2e flags fail now, not after the other sections have run
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    return {name: fn(args) for name, fn in SECTIONS.items() if args.section in (name, "all")}
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     args.load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    try:
-        if args.section in ("e2e", "all"):
-            e2e_options(args)  # bad e2e flags fail now, not after the other sections have run
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        torch.manual_seed(0)
-        results = {}
-        for name, fn in SECTIONS.items():
-            if args.section in (name, "all"):
-                results[name] = fn(args)
-    except swarr.SwarrError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    results = swarr.run_cli(run_sections, args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -17,7 +17,10 @@ the line before it). 80% of the SFT traces are direct. Under a window of 40 toke
 followed; RL, which trains on the SWA model's own trajectories, moves it to the window-friendly style.
 
 Writes to --out: report.md (the table), results.json (every number), rl_curve.svg (reward, window-friendly share
-and held-out accuracy over the RL steps), log.jsonl (every training event).
+and held-out accuracy over the RL steps), log.jsonl (every training event), models/{sa-sft,swa-sft,swarr,control}/
+(the four models, HF format) and test.jsonl (the held-out problems), so that for example
+    python swarr.py eval --model runs/demo/models/swarr --data runs/demo/test.jsonl
+grades a row again.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ sys.path.insert(0, os.path.join(HERE, "data"))
 import synth  # noqa: E402  (data/synth.py: the embedded task)
 
 SA, SWA, SWARR, CONTROL = "SA + SFT", "SWA + SFT", "SWARR (SWA + SFT + RL)", "control (SWA + SFT + more SFT)"
+FOLDERS = {SA: "sa-sft", SWA: "swa-sft", SWARR: "swarr", CONTROL: "control"}  # out/models/<folder>
 DEFAULT_MODEL = os.path.join(HERE, "data", "tiny-sa")
 PAPER_THROUGHPUT = 6.2  # the paper's SWA/SA throughput at 32k context
 
@@ -284,6 +288,9 @@ def run(args) -> dict:
           f"attention backend {swarr.backend_name()}")
     pairs, problems, tests = task(args, tok, base.cfg)
     print(f"  {len(pairs)} SFT pairs / RL prompts, {len(tests)} held-out problems")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "test.jsonl"), "w") as f:  # the held-out set, prompts as the models see them
+        f.writelines(json.dumps(t) + "\n" for t in tests)
     stages.end("load")
     log, results, styles = Log(), [], []
 
@@ -291,6 +298,7 @@ def run(args) -> dict:
         stages.start(name)
         model = make()
         results.append(measure(model, tok, tests, args, name, window))
+        swarr.save(model, tok, os.path.join(args.out, "models", FOLDERS[name]))  # atomic; `swarr.py eval` reads it
         stages.end(name)
         return model
 
@@ -340,17 +348,13 @@ def run(args) -> dict:
     with open(os.path.join(args.out, "report.md"), "w") as f:
         f.write(text)
     print("\n" + text)
-    print(f"wrote {args.out}/report.md, results.json, rl_curve.svg, log.jsonl")
+    print(f"wrote {args.out}/: report.md, results.json, rl_curve.svg, log.jsonl, test.jsonl, models/")
     return res
 
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    try:
-        run(args)
-    except swarr.SwarrError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    swarr.run_cli(run, args)
 
 
 if __name__ == "__main__":

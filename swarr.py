@@ -844,6 +844,9 @@ def save(model: Transformer, tok: Tokenizer, path: str, extra_files: dict[str, s
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700); a checkpoint folder gets the usual mode
     try:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
                  if not (model.cfg.tie_embeddings and k == "lm_head.weight")}
@@ -889,8 +892,6 @@ def save(model: Transformer, tok: Tokenizer, path: str, extra_files: dict[str, s
 # interrupted), and everything else runs under a SIGALRM wall-clock limit. Signals only work in the main
 # thread, so from other threads is_equiv stops after layer 2 (a documented fallback: numbers and strings
 # still grade; symbolic answers read as not equivalent). Typical speed: ~5,000 gradings/s.
-import json
-import re
 import signal
 import threading
 import warnings
@@ -1600,17 +1601,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def run_cli(fn, *args):
+    """fn(*args) for a command line: bad input (a SwarrError) becomes one `error: ...` line and exit status 2."""
+    try:
+        return fn(*args)
+    except SwarrError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["demo"]:  # demo.py runs train_sft/train_rl, which import this file: import it lazily
         import demo
         return demo.main(argv[1:])
     args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except SwarrError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(args.func, args)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,6 @@ import argparse
 import copy
 import json
 import os
-import sys
 import time
 
 import torch
@@ -255,11 +254,7 @@ def run(args, model=None, tok=None, problems=None, held_out=None, reward_fn=None
 def main(argv=None):
     args = parser().parse_args(argv)
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on CUDA: rollouts run on the fp32 master weights
-    try:
-        run(args)
-    except swarr.SwarrError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    swarr.run_cli(run, args)
 
 
 if __name__ == "__main__":

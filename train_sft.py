@@ -27,7 +27,6 @@ import json
 import math
 import os
 import re
-import sys
 import time
 
 import torch
@@ -369,11 +368,7 @@ def run(args, model=None, tok=None, train=None, held_out=None, log=print, histor
 def main(argv=None):
     args = parser().parse_args(argv)
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on CUDA (bf16 autocast covers most of them anyway)
-    try:
-        run(args)
-    except swarr.SwarrError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    swarr.run_cli(run, args)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,5 @@
 """Shared fixtures: tiny random HF checkpoints written by transformers itself, with a BPE tokenizer.json
 trained here by the `tokenizers` library (no network)."""
-import json
-import os
 import sys
 from pathlib import Path
 

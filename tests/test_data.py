@@ -2,7 +2,6 @@
 (data/tiny-sa/), and the script that pretrains it (data/pretrain.py)."""
 import json
 import os
-import random
 import re
 import sys
 

@@ -9,6 +9,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 import demo
+import swarr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,6 +83,13 @@ def test_quick_run_reproduces_the_finding(tmp_path):
     ET.parse(out / "rl_curve.svg")
     events = [json.loads(ln) for ln in (out / "log.jsonl").read_text().splitlines()]
     assert sum(e.get("event") == "train" and "reward" in e for e in events) == 20
+    # the four models are saved in HF format, with their windows; `swarr.py eval` grades a row again
+    for folder, windows in (("sa-sft", [None] * 4), ("swa-sft", [40] * 4), ("swarr", [40] * 4), ("control", [40] * 4)):
+        assert swarr.load(str(out / "models" / folder))[0].windows == windows
+    swarr.main(["eval", "--model", str(out / "models" / "swarr"), "--data", str(out / "test.jsonl"), "--limit", "40",
+                "--max-new-tokens", "200", "--out", str(tmp_path / "eval")])
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["n"] == 40 and summary["accuracy"] >= 0.6
 
 
 def test_other_data_runs_the_same_stages(tmp_path):

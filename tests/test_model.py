@@ -190,6 +190,18 @@ def test_save_is_atomic(ckpts, tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["ck"]  # no temporary folder left behind
 
 
+def test_saved_folder_has_the_usual_permissions(ckpts, tmp_path):
+    """The atomic save goes through a private temporary folder; the result must not stay private (0700)."""
+    model, tok = swarr.load(str(ckpts["LlamaForCausalLM"]))
+    old = os.umask(0o022)
+    try:
+        swarr.save(model, tok, str(tmp_path / "ck"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "ck").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "ck" / "config.json").stat().st_mode & 0o777 == 0o644
+
+
 def copy_ckpt(src, dst):
     shutil.copytree(src, dst)
     return dst
