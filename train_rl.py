@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 import swarr
 from train_sft import (Recorder, apply_window, autocast, check_finite, collate, common_args, load_checkpoint,
-                       read_records, save_checkpoint, split_held_out)
+                       make_optimizer, read_records, save_checkpoint, split_held_out)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -171,13 +171,7 @@ def run(args, model=None, tok=None, problems=None, held_out=None, reward_fn=None
         f"{model.windows}. The loss printed sits near 0 by construction (advantages sum to 0 in each group): "
         f"watch the reward.")
 
-    model.checkpointing = args.checkpointing
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
-    start = 0
-    if state:
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
-        rec(f"resumed from {args.out}/model at step {start}")
+    optimizer, start = make_optimizer(model, args, state, rec)
 
     def evaluate(step, sampled_acc):
         if not held_out:

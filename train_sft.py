@@ -254,6 +254,18 @@ def save_checkpoint(out: str, model, tok, optimizer, step: int, args):
             os.remove(os.path.join(out, f))
 
 
+def make_optimizer(model, args, state: dict | None, rec) -> tuple[torch.optim.Optimizer, int]:
+    """AdamW over every parameter (and activation checkpointing as asked); with a saved trainer `state` (--resume),
+    its moments and step are restored. Returns (optimizer, the step to start from)."""
+    model.checkpointing = args.checkpointing
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    if not state:
+        return optimizer, 0
+    optimizer.load_state_dict(state["optimizer"])
+    rec(f"resumed from {args.out}/model at step {state['step']}")
+    return optimizer, state["step"]
+
+
 def load_checkpoint(out: str, dtype, device):
     """The model, tokenizer and trainer state that save_checkpoint left in `out` (for --resume)."""
     cfg_path = os.path.join(out or "", "model", "train_config.json")
@@ -304,13 +316,7 @@ def run(args, model=None, tok=None, train=None, held_out=None, log=print, histor
         epoch += 1
 
     model.train()
-    model.checkpointing = args.checkpointing
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
-    start = 0
-    if state:
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
-        rec(f"resumed from {args.out}/model at step {start}")
+    optimizer, start = make_optimizer(model, args, state, rec)
 
     def evaluate(step):
         line, m = f"eval step {step}:", {"event": "eval", "step": step}

@@ -53,6 +53,17 @@ __device__ __forceinline__ float row_dot(const float (&a)[kMaxPerLane], const fl
   for (int c = 0; c < kMaxPerLane; ++c) s += a[c] * b[c];
   return warp_sum(s);
 }
+
+// One key of an online softmax: running max m, running sum l, and the accumulator acc (a lane's part of the
+// output row) take in score sc and value row vr, rescaling what was there by exp(m_old - m_new).
+__device__ __forceinline__ void online_softmax_step(float& m, float& l, float (&acc)[kMaxPerLane], float sc,
+                                                    const float (&vr)[kMaxPerLane]) {
+  const float m_new = fmaxf(m, sc), alpha = expf(m - m_new), p = expf(sc - m_new);
+  l = l * alpha + p;
+#pragma unroll
+  for (int c = 0; c < kMaxPerLane; ++c) acc[c] = acc[c] * alpha + p * vr[c];
+  m = m_new;
+}
 template <typename T>
 __device__ __forceinline__ void store_row(T* p, const float (&r)[kMaxPerLane], int64_t D, int lane, float s = 1.f) {
 #pragma unroll
@@ -83,12 +94,7 @@ __global__ void fwd_generic_kernel(const T* q, const T* k, const T* v, T* out, f
   for (int64_t j = max(int64_t(0), i - s.W + 1); j <= i; ++j) {
     load_row(kr, kb + j * s.D, s.D, lane);
     load_row(vr, vb + j * s.D, s.D, lane);
-    const float sc = row_dot(qr, kr);
-    const float m_new = fmaxf(m, sc), alpha = expf(m - m_new), p = expf(sc - m_new);
-    l = l * alpha + p;
-#pragma unroll
-    for (int c = 0; c < kMaxPerLane; ++c) acc[c] = acc[c] * alpha + p * vr[c];
-    m = m_new;
+    online_softmax_step(m, l, acc, row_dot(qr, kr), vr);
   }
   store_row(out + row * s.D, acc, s.D, lane, 1.f / l);
   if (lane == 0) lse[row] = m + logf(l);
@@ -181,12 +187,7 @@ __global__ void decode_kernel(const T* q, const T* kc, const T* vc, const int64_
   for (int64_t j = warp; j < n; j += kWarps) {
     load_row(kr, kc + kv + j * D, D, lane);
     load_row(vr, vc + kv + j * D, D, lane);
-    const float sc = row_dot(qr, kr);
-    const float m_new = fmaxf(m, sc), alpha = expf(m - m_new), p = expf(sc - m_new);
-    l = l * alpha + p;
-#pragma unroll
-    for (int c = 0; c < kMaxPerLane; ++c) acc[c] = acc[c] * alpha + p * vr[c];
-    m = m_new;
+    online_softmax_step(m, l, acc, row_dot(qr, kr), vr);
   }
   if (lane == 0) sh_m[warp] = m, sh_l[warp] = l;
 #pragma unroll
