@@ -76,20 +76,23 @@ def parser() -> argparse.ArgumentParser:
 # ---- progress over the whole run ---------------------------------------------------------------------------
 class Stages:
     """`[2/6] SWA + SFT ...  elapsed 30s  ETA 75s` at the start of each stage. The ETA weighs the stages by
-    their cost measured on the 2-core dev CPU and rescales by how fast this run has gone so far."""
+    their cost measured on the 2-core dev CPU and rescales by how fast this run's weighed stages have gone (the
+    load stage weighs 0: on a first run it includes compiling csrc/, which says nothing about the rest)."""
 
     def __init__(self, stages: dict):
-        self.cost, self.names, self.t0, self.done = stages, list(stages), time.time(), 0.0
+        self.cost, self.names, self.t0, self.done, self.busy = stages, list(stages), time.time(), 0.0, 0.0
 
     def start(self, name: str):
-        el = time.time() - self.t0
-        rate = el / self.done if self.done else 1.0
+        self.t_start = time.time()
+        rate = self.busy / self.done if self.done else 1.0
         eta = rate * (sum(self.cost.values()) - self.done)
-        print(f"\n[{self.names.index(name) + 1}/{len(self.names)}] {name}  elapsed {el:.0f}s  ETA {eta:.0f}s",
-              flush=True)
+        print(f"\n[{self.names.index(name) + 1}/{len(self.names)}] {name}  elapsed {self.t_start - self.t0:.0f}s  "
+              f"ETA {eta:.0f}s", flush=True)
 
     def end(self, name: str):
-        self.done += self.cost[name]
+        if self.cost[name]:
+            self.done += self.cost[name]
+            self.busy += time.time() - self.t_start
 
 
 # ---- data --------------------------------------------------------------------------------------------------
@@ -275,19 +278,25 @@ def svg_curve(curve: dict, hlines: dict, path: str, title: str, W: int = 640, H:
 # ---- the run -----------------------------------------------------------------------------------------------
 def run(args) -> dict:
     swarr.check_window(args.window)
+    for flag, v in (("--sft-steps", args.sft_steps), ("--rl-steps", args.rl_steps), ("--n-train", args.n_train),
+                    ("--n-test", args.n_test), ("--max-new-tokens", args.max_new_tokens), ("--context", args.context)):
+        if v is not None and v < 1:
+            raise swarr.SwarrError(f"{flag} must be at least 1, got {v}")
     if args.data and not os.path.isfile(args.data):
         raise swarr.SwarrError(f"{args.data}: data file not found")
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     t0 = time.time()
     rl_cost = 20 if args.quick else 33
-    stages = Stages({"load": 1, SA: 24, SWA: 24, SWARR: rl_cost, CONTROL: 12, "decode speed": 10})
+    stages = Stages({"load": 0, SA: 24, SWA: 24, SWARR: rl_cost, CONTROL: 12, "decode speed": 10})
     stages.start("load")
     base, tok = swarr.load(args.model, torch.float32, args.device)
     print(f"  {args.model}: {base.cfg.arch}, {sum(p.numel() for p in base.parameters()) / 1e6:.2f}M parameters, "
           f"attention backend {swarr.backend_name()}")
     pairs, problems, tests = task(args, tok, base.cfg)
     print(f"  {len(pairs)} SFT pairs / RL prompts, {len(tests)} held-out problems")
+    if os.path.isdir(args.out) and os.listdir(args.out):
+        print(f"  note: {args.out}/ exists; this run replaces what is in it")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "test.jsonl"), "w") as f:  # the held-out set, prompts as the models see them
         f.writelines(json.dumps(t) + "\n" for t in tests)

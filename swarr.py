@@ -1356,7 +1356,7 @@ def _records(path):
     """Yield (line_number, dict) of a JSONL file; a malformed line raises ValueError('file:line: why')."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"dataset file not found: {path}")
+        raise FileNotFoundError(f"{path}: data file not found")
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -1525,7 +1525,20 @@ def summarise(rows: list[dict], samples: int) -> dict:
     return s
 
 
+def check_flags(a):
+    """Numbers a command line cannot mean: one error line each, before anything loads."""
+    for flag, ok, want in (("--samples", getattr(a, "samples", 1) >= 1, "at least 1"),
+                           ("--temperature", a.temperature >= 0, "0 (greedy) or more"),
+                           ("--top-p", 0 < getattr(a, "top_p", 1.0) <= 1, "in (0, 1]"),
+                           ("--max-new-tokens", a.max_new_tokens >= 1, "at least 1"),
+                           ("--batch-size", getattr(a, "batch_size", 1) >= 1, "at least 1"),
+                           ("--limit", getattr(a, "limit", None) is None or a.limit >= 1, "at least 1")):
+        if not ok:
+            raise SwarrError(f"{flag} must be {want}")
+
+
 def cmd_eval(a):
+    check_flags(a)
     model, tok = load(a.model, a.dtype, a.device)
     if a.window is not None:
         model.set_window(a.window)
@@ -1537,7 +1550,7 @@ def cmd_eval(a):
         raise SwarrError(f"{a.data}: no records to evaluate")
     summary, rows = evaluate(model, tok, records, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size,
                              samples=a.samples, temperature=a.temperature, chat=not a.raw, seed=a.seed)
-    summary.update(model=a.model, data=a.data, window=a.window)
+    summary.update(model=a.model, data=a.data, window=a.window, windows=model.windows)  # windows: as run, per layer
     out = a.out or os.path.join("runs", "eval-" + os.path.basename(a.model.rstrip("/")))
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "samples.jsonl"), "w") as f:
@@ -1554,6 +1567,7 @@ def cmd_eval(a):
 # command line
 # =====================================================================================================
 def cmd_generate(a):
+    check_flags(a)
     model, tok = load(a.model, a.dtype, a.device)
     if a.window is not None:
         model.set_window(a.window)

@@ -23,6 +23,8 @@ def cli(*args):
     (["--window", "0"], "window"),
     (["--model", "/nonexistent/model"], "/nonexistent/model"),
     (["--data", "/nonexistent/data.jsonl"], "/nonexistent/data.jsonl"),
+    (["--sft-steps", "0"], "--sft-steps"),
+    (["--rl-steps", "-1"], "--rl-steps"),
 ])
 def test_bad_input_is_one_error_line(args, words, tmp_path):
     r = cli(*args, "--out", str(tmp_path / "out"))

@@ -19,6 +19,7 @@ def test_eval_end_to_end(ckpts, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     rows = [json.loads(l) for l in (out / "samples.jsonl").read_text().splitlines()]
     assert summary["n"] == 5 and summary["samples"] == 3 and len(rows) == 15
+    assert summary["window"] == 8 and summary["windows"] == [8] * 2  # the windows the model ran with, per layer
     first = [r for r in rows if r["sample"] == 0]
     assert summary["accuracy"] == sum(r["correct"] for r in first) / 5
     assert summary["mean_accuracy"] == sum(r["correct"] for r in rows) / 15
@@ -41,3 +42,20 @@ def test_eval_bad_data(ckpts, tmp_path):
     r = subprocess.run([sys.executable, swarr.__file__, "eval", "--model", str(ckpts["Qwen2ForCausalLM"]),
                         "--data", str(bad)], capture_output=True, text=True)
     assert r.returncode == 2 and "bad.jsonl" in r.stderr and "2" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_eval_refuses_flags_it_cannot_mean(ckpts, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "answer": "1"}\n')
+    base = ["eval", "--model", str(ckpts["Qwen2ForCausalLM"]), "--data", str(data), "--out", str(tmp_path / "o")]
+    for flags, name in ((["--samples", "0"], "--samples"), (["--temperature", "-1"], "--temperature"),
+                        (["--limit", "0"], "--limit"), (["--max-new-tokens", "0"], "--max-new-tokens")):
+        try:
+            swarr.main(base + flags)
+        except SystemExit as e:
+            assert e.code == 2
+        else:
+            raise AssertionError(f"{flags} was accepted")
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: " + name) and "\n" not in err
+    assert not (tmp_path / "o").exists()
