@@ -87,6 +87,23 @@ def measure(candidates: dict, reps: int, warmup: int = 1) -> dict:
     return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
+def other_jobs(seconds: float = 0.5) -> float | None:
+    """How many CPU cores other processes kept busy during `seconds` of this process sleeping (from /proc/stat;
+    None where there is none). Unlike the load average, it does not remember the jobs of the last minute."""
+    def ticks():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v), v[3] + v[4]  # all, idle + iowait
+    if not os.path.exists("/proc/stat"):
+        return None
+    (a0, i0), _ = ticks(), time.sleep(seconds)
+    a1, i1 = ticks()
+    return (os.cpu_count() or 1) * (1 - (i1 - i0) / max(1, a1 - a0))
+
+
+BUSY = 0.3  # cores kept busy by other jobs before a run, above which its timings are flagged as unreliable
+
+
 def cpu_model() -> str:
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
@@ -167,7 +184,7 @@ def fwd_bwd(attn):
 def bench_kernel(args) -> dict:
     H, Hkv, D, B = 8, 2, 64, 1
     quick = args.quick
-    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    busy_before = other_jobs()
     ceil = machine_ceilings(quick)
     sizes = [(2048, 256)] if quick else [(N, W) for N in (2048, 8192, 32768) for W in (256, 1024)]
     contexts = [(1024, 256), (32768, 256)] if quick else [(N, W) for W in (256, 1024) for N in (1024, 32768)]
@@ -243,7 +260,7 @@ def bench_kernel(args) -> dict:
                          **{name: ms / calls for (name, n), ms in t.items() if n == N}})
 
     conditions = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_model(),
-                  "load_before": load_before, "load_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+                  "busy_before": busy_before, "load_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
                   "backend": swarr.backend_name(), "shape": f"B={B} H={H} Hkv={Hkv} D={D} float32",
                   "chunk": CHUNK, **{k: round(v, 1) for k, v in ceil.items()}}
     print_kernel_table(rows, notes, conditions)
@@ -280,9 +297,10 @@ def print_kernel_table(rows, notes, c):
         print(f"{'decode':8}{r['N']:>6}{r['W']:>6} | {1e3 * r['ext']:>7.1f}us {r['gbytes'] / r['ext'] * 1e3:>8.1f} | "
               + " | ".join(f"{peer(r, p, False):>16}" for p in ("SDPA ring", "SDPA full cache")))
     print("times in ms (decode: per token per layer); flex: forward only")
-    if c["load_before"] is not None:
-        busy = c["load_before"] > 0.5  # the 1-minute load average before we started: other jobs
-        print(f"load average {c['load_before']:.1f} before, {c['load_after']:.1f} after (this run included)"
+    if c["busy_before"] is not None:
+        busy = c["busy_before"] > BUSY
+        print(f"other jobs kept {c['busy_before']:.1f} cores busy just before the run; load average {c['load_after']:.1f} "
+              f"after (this run included)"
               + (": OTHER JOBS WERE RUNNING; peers with many small parallel ops suffer most, ratios are unreliable"
                  if busy else ""))
     for n in dict.fromkeys(notes):
@@ -658,12 +676,12 @@ def print_e2e_table(res: dict, c: dict):
           f"allocated (context + {c['steps'] + 1} slots for SA, min(W, that) for SWA); prefill: one prompt of "
           f"the context length; paper: the SWA/SA decode speed-up reported at 32k")
     if c["device"] == "cpu":
-        lb, la = c.get("load_before"), c.get("load_after")
+        lb, la = c.get("busy_before"), c.get("load_after")
         if lb is not None:
-            print(f"load average {lb:.1f} before, {la:.1f} after (this run included)"
-                  + (": OTHER JOBS WERE RUNNING, timings are noisy" if lb > 0.5 else "")
+            print(f"other jobs kept {lb:.1f} cores busy just before the run; load average {la:.1f} after (this run "
+                  f"included)" + (": OTHER JOBS WERE RUNNING, timings are noisy" if lb > BUSY else "")
                   + (f"; with {c['threads']} threads every parallel op can stall for a descheduled thread (ms each):"
-                     " --threads 1 gives steadier numbers on a busy machine" if lb > 0.5 and c["threads"] > 1 else ""))
+                     " --threads 1 gives steadier numbers on a busy machine" if lb > BUSY and c["threads"] > 1 else ""))
         if c["dtype"] != "float32":
             print("note: on the CPU the decode kernel converts 16-bit caches to float32 every step, so it moves "
                   "about 5x the bytes predicted")
@@ -724,8 +742,7 @@ def bench_e2e(args) -> dict:
     out = {}
     for spec in o["models"]:
         # the first model: the load before this program started (a kernel section may have run since)
-        load_before = getattr(args, "load_start", None) if not out else \
-            os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        busy_before = getattr(args, "busy_start", None) if not out else other_jobs()
         t0 = time.time()
         model, name, source = build_model(spec, swarr.DTYPES[o["dtype"]], o["device"])
         print(f"e2e {name}: built in {time.time() - t0:.1f}s ({source})", file=sys.stderr, flush=True)
@@ -736,7 +753,7 @@ def bench_e2e(args) -> dict:
              "dtype": o["dtype"], "device": dev.type, "steps": o["steps"], "prefill_max": o["prefill_max"],
              "torch": torch.__version__, "backend": swarr.backend_name(), "threads": torch.get_num_threads(),
              "hardware": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_model(),
-             "load_before": load_before,
+             "busy_before": busy_before,
              "load_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
         print_e2e_table(res, c)
         out[name] = {"conditions": c, "rows": res["rows"], "overhead": {str(k): v for k, v in res["overhead"].items()},
@@ -786,7 +803,7 @@ def run_sections(args) -> dict:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    args.load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    args.busy_start = other_jobs()
     results = swarr.run_cli(run_sections, args)
     if args.json:
         with open(args.json, "w") as f:

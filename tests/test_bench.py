@@ -2,7 +2,10 @@
 command line of both sections. Fast: tiny model, a handful of decode steps."""
 import dataclasses
 import json
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -165,3 +168,16 @@ def test_main_e2e_writes_json(tmp_path, capsys):
     assert res["conditions"]["device"] == "cpu" and res["conditions"]["dtype"] == "float32"
     printed = capsys.readouterr()
     assert "| context | attention | tok/s" in printed.out and "e2e tiny [5/5]" in printed.err
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="needs /proc/stat")
+def test_other_jobs_sees_a_busy_core():
+    """The 'other jobs were running' warning measures the CPU now, not the load average of the last minute."""
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        busy = bench.other_jobs(0.5)
+    finally:
+        spin.kill()
+        spin.wait()
+    assert 0.6 <= busy <= (os.cpu_count() or 1)
