@@ -187,7 +187,7 @@ def speed(model, args):
 
 # ---- report ------------------------------------------------------------------------------------------------
 def checks(res: dict) -> dict:
-    """The paper's finding, as the issue's targets for the default run state it, each True or False."""
+    """The paper's finding as this project's targets for the default run state it (README.md), each True or False."""
     acc, rows = {r["row"]: r["accuracy"] for r in res["rows"]}, {r["row"]: r for r in res["rows"]}
     gap = acc[SA] - acc[SWA]
     out = {"SA+SFT >= 0.85": acc[SA] >= 0.85, "gap >= 25 points": gap >= 0.25,
