@@ -96,7 +96,8 @@ def other_jobs(seconds: float = 0.5) -> float | None:
         return sum(v), v[3] + v[4]  # all, idle + iowait
     if not os.path.exists("/proc/stat"):
         return None
-    (a0, i0), _ = ticks(), time.sleep(seconds)
+    a0, i0 = ticks()
+    time.sleep(seconds)
     a1, i1 = ticks()
     return (os.cpu_count() or 1) * (1 - (i1 - i0) / max(1, a1 - a0))
 
@@ -493,6 +494,24 @@ def decode_rate(model, B: int, C: int, steps: int) -> dict:
             "kv_bytes": sum(c.nbytes() for c in caches)}
 
 
+def decode_if_fits(model, B: int, C: int, steps: int, budget: int | None = None) -> dict:
+    """{"status": "ok", **decode_rate(...)}, or {"status": "does not fit (...)"} when the caches (+25%) would exceed
+    `budget` bytes (default: what the device has free) or their allocation fails."""
+    p = next(model.parameters())
+    need = decode_need(model.cfg, model.windows, B, C + steps + 1, p.element_size(), p.device.type)
+    free = available_bytes(p.device) if budget is None else budget
+    if need * SAFETY > free:
+        return {"status": f"does not fit (needs ~{need / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free)"}
+    try:
+        return {"status": "ok", **decode_rate(model, B, C, steps)}
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not _alloc_failure(e):
+            raise
+        return {"status": f"does not fit (allocation failed: {str(e).splitlines()[0][:80]})"}
+    finally:
+        _free(p.device)
+
+
 def prefill_ms(model, C: int, seed: int = 0) -> float:
     """Wall time of swarr.prefill for one random prompt of C tokens on fresh caches, in ms."""
     dev = next(model.parameters()).device
@@ -560,18 +579,9 @@ def run_e2e(model, *, name="model", windows=(512,), contexts=(1024,), batches=(1
                "kv_bytes": kv_bytes(cfg, w, B, L, db), "step_bytes": step_bytes(cfg, w, B, C, db),
                "ratio": None, "predicted": None if w is None else predicted_ratio(cfg, w, B, C, db),
                "meas_over_pred": None, "prefill_ms": None, "prefill_status": "skipped"}
-        need = decode_need(cfg, w, B, L, db, dev.type)
-        if need * SAFETY > budget():
-            row["status"] = f"does not fit (needs ~{need / 2**30:.2f} GiB, {budget() / 2**30:.2f} GiB free)"
-        else:
-            try:
-                row.update(decode_rate(model, B, C, steps))
-                row["gbs"] = row["step_bytes"] / (row["step_ms"] / 1e3) / 1e9
-            except (torch.OutOfMemoryError, RuntimeError) as e:
-                if not _alloc_failure(e):
-                    raise
-                row["status"] = f"does not fit (allocation failed: {str(e).splitlines()[0][:80]})"
-            _free(dev)
+        row.update(decode_if_fits(model, B, C, steps, budget()))
+        if row["status"] == "ok":
+            row["gbs"] = row["step_bytes"] / (row["step_ms"] / 1e3) / 1e9
         if kind == "overhead":
             overhead[B] = {k: row[k] for k in ("context", "status", "tok_s", "step_ms", "step_bytes")}
             eta(i, f"B={B} C={C} (overhead run): {row['step_ms'] or 0:.2f} ms/step")
@@ -671,7 +681,7 @@ def print_e2e_table(res: dict, c: dict):
             print(f"\noverhead outside attention/KV (SA at C={oh['context']}, batch {B}): {oh['step_ms']:.2f} ms/step "
                   f"= {oh['tok_s']:,.0f} tok/s (Python, kernel launches, MLP and weights)")
     print(f"\ntok/s: steady state of swarr.decode_loop (greedy, no stop token) after prefilling the caches with "
-          f"random K/V at the context; ms/step = batch / tok/s; GB/s = step_bytes / step time (weights + KV, "
+          f"random K/V at the context; ms/step = 1000 * batch / tok/s; GB/s = step_bytes / step time (weights + KV, "
           f"what the step must read); predicted = step_bytes(SA) / step_bytes(SWA); KV MiB: the caches as "
           f"allocated (context + {c['steps'] + 1} slots for SA, min(W, that) for SWA); prefill: one prompt of "
           f"the context length; paper: the SWA/SA decode speed-up reported at 32k")
@@ -699,6 +709,19 @@ def _ints(flag: str, text, positive=True) -> list:
     return vals
 
 
+def check_device(name: str) -> torch.device:
+    """--device: cpu, cuda or cuda:N, and CUDA only where there is a device. SwarrError otherwise."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise swarr.SwarrError(f"--device {name!r}: only cpu and cuda (or cuda:N) are supported")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise swarr.SwarrError(f"--device {name}: no CUDA device is available")
+    return device
+
+
 def e2e_options(args) -> dict:
     """The e2e flags with their defaults (--quick: E2E_QUICK) filled in, validated: SwarrError on bad values."""
     d = {**E2E_DEFAULTS, **(E2E_QUICK if args.quick else {})}
@@ -706,15 +729,7 @@ def e2e_options(args) -> dict:
     def get(k):
         v = getattr(args, k, None)
         return d.get(k) if v is None else v
-    device = get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise swarr.SwarrError(f"--device {get('device')!r}: only cpu and cuda (or cuda:N) are supported")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise swarr.SwarrError("--device cuda: no CUDA device is available")
+    device = check_device(get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = get("dtype") or ("bfloat16" if device.type == "cuda" else "float32")
     if dtype not in swarr.DTYPES:
         raise swarr.SwarrError(f"--dtype {dtype!r} is unknown (one of {', '.join(sorted(swarr.DTYPES))})")
@@ -723,7 +738,9 @@ def e2e_options(args) -> dict:
         if not os.path.isdir(m) and m.lower() not in SHAPES:
             raise swarr.SwarrError(f"--model {m!r} is neither a checkpoint folder nor a named shape "
                                    f"({', '.join(SHAPES)})")
-    steps = get("steps") or (128 if device.type == "cuda" else 32)
+    steps = get("steps")
+    if steps is None:
+        steps = 128 if device.type == "cuda" else 32
     if steps <= SHORT:
         raise swarr.SwarrError(f"--steps must be more than {SHORT}, got {steps}")
     contexts = _ints("--contexts", get("contexts"))
@@ -795,7 +812,9 @@ def build_parser() -> argparse.ArgumentParser:
 def run_sections(args) -> dict:
     if args.section in ("e2e", "all"):
         e2e_options(args)  # bad e2e flags fail now, not after the other sections have run
-    if args.threads:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise swarr.SwarrError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     return {name: fn(args) for name, fn in SECTIONS.items() if args.section in (name, "all")}

@@ -837,6 +837,17 @@ def export_config(model: Transformer, dtype) -> dict:
     return hf
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (os.umask can only set and return)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        old = os.umask(0o022)
+        os.umask(old)
+        return old
+
+
 def save(model: Transformer, tok: Tokenizer, path: str, extra_files: dict[str, str] | None = None):
     """Write an HF folder (model.safetensors, config.json, tokenizer.json, + extra_files name -> text).
     Atomic: everything is written to a temporary sibling folder, which then replaces `path` by rename."""
@@ -844,10 +855,8 @@ def save(model: Transformer, tok: Tokenizer, path: str, extra_files: dict[str, s
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700); a checkpoint folder gets the usual mode
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private (0700); a checkpoint folder gets the usual mode
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
                  if not (model.cfg.tie_embeddings and k == "lm_head.weight")}
         dtype = next(iter(state.values())).dtype

@@ -135,7 +135,8 @@ def test_low_measured_over_predicted_gets_an_overhead_note(tiny):
 
 def test_bad_flags_exit_2_with_one_line(capsys):
     for argv in (["e2e", "--model", "no-such-model"], ["e2e", "--windows", "0"], ["e2e", "--windows", "a"],
-                 ["e2e", "--dtype", "float8"], ["e2e", "--steps", "2"], ["all", "--contexts", "-5"]):
+                 ["e2e", "--dtype", "float8"], ["e2e", "--steps", "2"], ["e2e", "--steps", "0"],
+                 ["all", "--contexts", "-5"], ["e2e", "--threads", "0"], ["e2e", "--device", "tpu"]):
         with pytest.raises(SystemExit) as e:
             bench.main(argv)
         assert e.value.code == 2

@@ -7,6 +7,7 @@ import sys
 import xml.etree.ElementTree as ET
 
 import pytest
+import torch
 
 import demo
 import swarr
@@ -32,6 +33,22 @@ def test_bad_input_is_one_error_line(args, words, tmp_path):
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_bad_input_fails_before_any_training(tmp_path, capsys):
+    """Checked up front, not after a stage has trained: a window beyond the model's context, --out naming a file,
+    and a CUDA device where there is none."""
+    (tmp_path / "file").write_text("x")
+    cases = [(["--window", "5000"], "--window 5000"), (["--out", str(tmp_path / "file")], "--out")]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "--device cuda"))
+    for args, words in cases:
+        with pytest.raises(SystemExit) as e:
+            demo.main(args + ([] if "--out" in args else ["--out", str(tmp_path / "out")]))
+        assert e.value.code == 2
+        out = capsys.readouterr()
+        assert out.err.strip().startswith("error: ") and words in out.err, out.err
+        assert "SA + SFT" not in out.out  # no stage started
 
 
 def test_unknown_flag_is_refused():
