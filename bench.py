@@ -312,6 +312,8 @@ def print_kernel_table(rows, notes, c):
 # e2e section: the whole model, SA vs SWA, through the real generation path (make_caches, prefill, decode_loop)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
 def _read_json(path: str) -> dict:
     with open(path) as f:
         return json.load(f)
@@ -494,22 +496,29 @@ def decode_rate(model, B: int, C: int, steps: int) -> dict:
             "kv_bytes": sum(c.nbytes() for c in caches)}
 
 
-def decode_if_fits(model, B: int, C: int, steps: int, budget: int | None = None) -> dict:
-    """{"status": "ok", **decode_rate(...)}, or {"status": "does not fit (...)"} when the caches (+25%) would exceed
-    `budget` bytes (default: what the device has free) or their allocation fails."""
-    p = next(model.parameters())
-    need = decode_need(model.cfg, model.windows, B, C + steps + 1, p.element_size(), p.device.type)
-    free = available_bytes(p.device) if budget is None else budget
+def if_fits(measure, need: int, free: int, device) -> dict:
+    """{"status": "ok", **measure()}, or {"status": "does not fit (...)"} when `need` bytes (+25%) exceed `free`
+    or the measurement's allocations fail."""
     if need * SAFETY > free:
         return {"status": f"does not fit (needs ~{need / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free)"}
     try:
-        return {"status": "ok", **decode_rate(model, B, C, steps)}
+        return {"status": "ok", **measure()}
     except (torch.OutOfMemoryError, RuntimeError) as e:
         if not _alloc_failure(e):
             raise
         return {"status": f"does not fit (allocation failed: {str(e).splitlines()[0][:80]})"}
     finally:
-        _free(p.device)
+        _free(device)
+
+
+def decode_if_fits(model, B: int, C: int, steps: int, budget: int | None = None) -> dict:
+    """decode_rate where its caches fit in `budget` bytes (default: what the device has free); kv_bytes always."""
+    p = next(model.parameters())
+    L, db = C + steps + 1, p.element_size()
+    free = available_bytes(p.device) if budget is None else budget
+    return {"kv_bytes": kv_bytes(model.cfg, model.windows, B, L, db),
+            **if_fits(lambda: decode_rate(model, B, C, steps), decode_need(model.cfg, model.windows, B, L, db,
+                                                                           p.device.type), free, p.device)}
 
 
 def prefill_ms(model, C: int, seed: int = 0) -> float:
@@ -573,13 +582,11 @@ def run_e2e(model, *, name="model", windows=(512,), contexts=(1024,), batches=(1
     prefills, overhead, rows = {}, {}, []
     for i, (kind, B, C, w) in enumerate(plan):
         model.set_window(w)
-        L = C + steps + 1
         row = {"model": name, "B": B, "context": C, "attn": "SA" if w is None else "SWA", "window": w,
-               "status": "ok", "tok_s": None, "tok_s_call": None, "step_ms": None, "gbs": None,
-               "kv_bytes": kv_bytes(cfg, w, B, L, db), "step_bytes": step_bytes(cfg, w, B, C, db),
+               "tok_s": None, "tok_s_call": None, "step_ms": None, "gbs": None, "step_bytes": step_bytes(cfg, w, B, C, db),
                "ratio": None, "predicted": None if w is None else predicted_ratio(cfg, w, B, C, db),
                "meas_over_pred": None, "prefill_ms": None, "prefill_status": "skipped"}
-        row.update(decode_if_fits(model, B, C, steps, budget()))
+        row.update(decode_if_fits(model, B, C, steps, budget()))  # status, kv_bytes, and the rates if it fits
         if row["status"] == "ok":
             row["gbs"] = row["step_bytes"] / (row["step_ms"] / 1e3) / 1e9
         if kind == "overhead":
@@ -589,16 +596,9 @@ def run_e2e(model, *, name="model", windows=(512,), contexts=(1024,), batches=(1
         if (C, w) not in prefills:
             if C > prefill_max:
                 prefills[C, w] = (None, "skipped")
-            elif prefill_need(cfg, w, C, db, dev.type) * SAFETY > budget():
-                prefills[C, w] = (None, "does not fit")
             else:
-                try:
-                    prefills[C, w] = (prefill_ms(model, C), "ok")
-                except (torch.OutOfMemoryError, RuntimeError) as e:
-                    if not _alloc_failure(e):
-                        raise
-                    prefills[C, w] = (None, "does not fit")
-                _free(dev)
+                r = if_fits(lambda: {"ms": prefill_ms(model, C)}, prefill_need(cfg, w, C, db, dev.type), budget(), dev)
+                prefills[C, w] = (r.get("ms"), "ok" if "ms" in r else "does not fit")
         row["prefill_ms"], row["prefill_status"] = prefills[C, w]
         sa = next((r for r in rows if r["B"] == B and r["context"] == C and r["attn"] == "SA"), None)
         if w is not None and sa and sa["tok_s"] and row["tok_s"]:

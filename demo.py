@@ -28,7 +28,6 @@ import argparse
 import copy
 import json
 import os
-import random
 import statistics
 import sys
 import time
@@ -125,10 +124,13 @@ def sft(model, tok, pairs, args, window, steps, seed, log):
     return train_sft.run(a, model, tok, pairs, None, log=log, history=log.history)
 
 
+def rl_steps(args) -> int:
+    return args.rl_steps or (QUICK_RL if args.quick else RL)["steps"]
+
+
 def rl(model, tok, problems, tests, args, log, styles: list):
     """train_rl.run with the demo's settings. `styles` collects the style of every training rollout."""
-    steps, lr = (QUICK_RL["steps"], QUICK_RL["lr"]) if args.quick else (RL["steps"], RL["lr"])
-    steps = args.rl_steps or steps
+    steps, lr = rl_steps(args), (QUICK_RL if args.quick else RL)["lr"]
     a = train_rl.parser().parse_args(
         ["--out", "", "--steps", str(steps), "--prompts-per-step", str(RL["prompts"]), "--group-size",
          str(RL["group"]), "--temperature", str(RL["temperature"]), "--lr", str(lr), "--max-new-tokens",
@@ -140,7 +142,7 @@ def rl(model, tok, problems, tests, args, log, styles: list):
             styles.append(synth.style_of(completion))
         return train_rl.default_reward(completion, problem)
 
-    return train_rl.run(a, model, tok, problems, tests, reward, log=log, history=log.history), a
+    return train_rl.run(a, model, tok, problems, tests, reward, log=log, history=log.history)
 
 
 class Log:
@@ -165,8 +167,7 @@ def measure(model, tok, tests, args, name, window):
                                     temperature=1.0, seed=args.seed + 1, progress=False)
         near = lambda rs: sum(synth.style_of(r["completion"]) == synth.NEAR for r in rs) / len(rs)
         reach = [synth.lookback(tok, t["prompt"] + r["completion"], len(t["prompt"])) for t, r in zip(tests, rows)]
-        out.update(near_greedy=near(rows), near_t1=near(sampled), lookback_median=statistics.median(reach),
-                   within_window=sum(x < args.window for x in reach) / len(reach))
+        out.update(near_greedy=near(rows), near_t1=near(sampled), lookback_median=statistics.median(reach))
     print(f"  {name}: greedy accuracy {out['accuracy']:.3f} on {out['n']} held-out problems"
           + (f"; window-friendly style: greedy {out['near_greedy']:.2f}, at T=1 {out['near_t1']:.2f}; "
              f"median lookback {out['lookback_median']:.0f} tokens" if not args.data else ""), flush=True)
@@ -182,7 +183,6 @@ def speed(model, args):
         m = copy.deepcopy(model).eval()
         m.set_window(w)
         out[name] = bench.decode_if_fits(m, B=16, C=args.context, steps=8)
-        out[name]["kv_bytes"] = bench.kv_bytes(m.cfg, w, 16, args.context + 9, next(m.parameters()).element_size())
     return out
 
 
@@ -291,7 +291,6 @@ def run(args) -> dict:
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise swarr.SwarrError(f"--out {args.out}: exists and is not a folder")
     bench.check_device(args.device)
-    random.seed(args.seed)
     torch.manual_seed(args.seed)
     t0 = time.time()
     rl_cost = 20 if args.quick else 33
@@ -323,16 +322,9 @@ def run(args) -> dict:
     stage(SA, lambda: sft(copy.deepcopy(base), tok, pairs, args, None, args.sft_steps, args.seed, log), None)
     swa = stage(SWA, lambda: sft(copy.deepcopy(base), tok, pairs, args, args.window, args.sft_steps,
                                          args.seed, log), args.window)
-    rl_args = {}
-
-    def make_swarr():
-        model, a = rl(copy.deepcopy(swa), tok, problems, tests, args, log, styles)
-        rl_args.update(vars(a))
-        return model
-
-    stage(SWARR, make_swarr, args.window)
-    # The control gets RL's compute as SFT: as many sequences as RL trained on (steps x prompts x group).
-    extra = rl_args["steps"] * RL["prompts"] * RL["group"] // SFT["batch"]
+    stage(SWARR, lambda: rl(copy.deepcopy(swa), tok, problems, tests, args, log, styles), args.window)
+    # The control: as many more SFT sequences as RL trained on (steps x prompts x group).
+    extra = rl_steps(args) * RL["prompts"] * RL["group"] // SFT["batch"]
     stage(CONTROL,
           lambda: sft(copy.deepcopy(swa), tok, pairs, args, args.window, extra, args.seed + 1, log), args.window)
     stages.start("decode speed")
@@ -342,7 +334,7 @@ def run(args) -> dict:
     per = RL["prompts"] * RL["group"]
     train_ev = [h for h in log.history if h.get("event") == "train" and "reward" in h]
     evals = [h for h in log.history if h.get("event") == "eval" and "greedy_accuracy" in h]
-    res = dict(args=vars(args), device=args.device, rows=results, speed=spd, rl_args=rl_args, control_steps=extra,
+    res = dict(args=vars(args), device=args.device, rows=results, speed=spd, rl_steps=rl_steps(args), control_steps=extra,
                rl_curve=dict(reward=[(h["step"], h["reward"]) for h in train_ev],
                              greedy_accuracy=[(h["step"], h["greedy_accuracy"]) for h in evals]),
                wall_s=time.time() - t0)
@@ -351,7 +343,6 @@ def run(args) -> dict:
         res["rl_curve"]["window_friendly_share"] = [(i + 1, x) for i, x in enumerate(share)]
         res["style"] = dict(sft_near_share=synth.NEAR_SHARE, rl_first=share[0], rl_last=share[-1], rl_steps=len(share))
     res["checks"] = checks(res)
-    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(res, f, indent=2)
     with open(os.path.join(args.out, "log.jsonl"), "w") as f:

@@ -837,26 +837,15 @@ def export_config(model: Transformer, dtype) -> dict:
     return hf
 
 
-def _umask() -> int:
-    """The process's umask, read without changing it where Linux tells it (os.umask can only set and return)."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
-    except (OSError, StopIteration, ValueError):
-        old = os.umask(0o022)
-        os.umask(old)
-        return old
-
-
 def save(model: Transformer, tok: Tokenizer, path: str, extra_files: dict[str, str] | None = None):
     """Write an HF folder (model.safetensors, config.json, tokenizer.json, + extra_files name -> text).
     Atomic: everything is written to a temporary sibling folder, which then replaces `path` by rename."""
     path = os.path.abspath(path.rstrip("/"))
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+    tmp = os.path.join(parent, f".tmp-{os.path.basename(path)}-{os.urandom(4).hex()}")
+    os.mkdir(tmp)  # (not mkdtemp: its folders stay private, 0700; this one gets the umask's usual mode)
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private (0700); a checkpoint folder gets the usual mode
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
                  if not (model.cfg.tie_embeddings and k == "lm_head.weight")}
         dtype = next(iter(state.values())).dtype
@@ -1546,11 +1535,17 @@ def check_flags(a):
             raise SwarrError(f"{flag} must be {want}")
 
 
-def cmd_eval(a):
+def model_from_flags(a) -> tuple[Transformer, Tokenizer]:
+    """Check the flags, then load --model (in --dtype, on --device) and apply --window to every layer."""
     check_flags(a)
     model, tok = load(a.model, a.dtype, a.device)
     if a.window is not None:
         model.set_window(a.window)
+    return model, tok
+
+
+def cmd_eval(a):
+    model, tok = model_from_flags(a)
     try:
         records = load_dataset(a.data)[:a.limit]
     except (ValueError, OSError) as e:  # malformed line (file:line in the message) or unreadable file
@@ -1576,10 +1571,7 @@ def cmd_eval(a):
 # command line
 # =====================================================================================================
 def cmd_generate(a):
-    check_flags(a)
-    model, tok = load(a.model, a.dtype, a.device)
-    if a.window is not None:
-        model.set_window(a.window)
+    model, tok = model_from_flags(a)
     text = a.prompt if a.raw else tok.chat(a.prompt)
     g = generate(model, [tok.encode(text)], a.max_new_tokens, eos_ids=tok.stop_ids(model.cfg),
                  temperature=a.temperature, top_p=a.top_p, seed=a.seed)
