@@ -199,6 +199,14 @@ def checks(res: dict) -> dict:
     return out
 
 
+def write(path: str, text: str):
+    """Write a file whole or not at all (a temporary file, then a rename): an interrupted run never leaves a
+    previous run's report half overwritten."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
 def fmt(x, spec=".3f"):
     return "n/a" if x is None else format(x, spec)
 
@@ -275,8 +283,7 @@ def svg_curve(curve: dict, hlines: dict, path: str, title: str, W: int = 640, H:
         out.append(f'<text x="{W - R + 10}" y="{T + 16 * key + 4}" fill="{c}">{label}</text>')
         key += 1
     out.append("</svg>")
-    with open(path, "w") as f:
-        f.write("\n".join(out) + "\n")
+    write(path, "\n".join(out) + "\n")
 
 
 # ---- the run -----------------------------------------------------------------------------------------------
@@ -306,8 +313,7 @@ def run(args) -> dict:
     if os.path.isdir(args.out) and os.listdir(args.out):
         print(f"  note: {args.out}/ exists; this run replaces what is in it")
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "test.jsonl"), "w") as f:  # the held-out set, prompts as the models see them
-        f.writelines(json.dumps(t) + "\n" for t in tests)
+    write(os.path.join(args.out, "test.jsonl"), "".join(json.dumps(t) + "\n" for t in tests))  # prompts as seen
     stages.end("load")
     log, results, styles = Log(), [], []
 
@@ -343,10 +349,8 @@ def run(args) -> dict:
         res["rl_curve"]["window_friendly_share"] = [(i + 1, x) for i, x in enumerate(share)]
         res["style"] = dict(sft_near_share=synth.NEAR_SHARE, rl_first=share[0], rl_last=share[-1], rl_steps=len(share))
     res["checks"] = checks(res)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(res, f, indent=2)
-    with open(os.path.join(args.out, "log.jsonl"), "w") as f:
-        f.writelines(json.dumps(h) + "\n" for h in log.history)
+    write(os.path.join(args.out, "results.json"), json.dumps(res, indent=2))
+    write(os.path.join(args.out, "log.jsonl"), "".join(json.dumps(h) + "\n" for h in log.history))
     curve = {"reward (T=1 rollouts)": res["rl_curve"]["reward"],
              "held-out accuracy (greedy)": res["rl_curve"]["greedy_accuracy"]}
     if "window_friendly_share" in res["rl_curve"]:
@@ -354,8 +358,7 @@ def run(args) -> dict:
     svg_curve(curve, {"SA + SFT accuracy": results[0]["accuracy"], "control accuracy": results[3]["accuracy"]},
               os.path.join(args.out, "rl_curve.svg"), f"SWARR: RL on the SWA + SFT model (W = {args.window})")
     text = report(res)
-    with open(os.path.join(args.out, "report.md"), "w") as f:
-        f.write(text)
+    write(os.path.join(args.out, "report.md"), text)
     print("\n" + text)
     print(f"wrote {args.out}/: report.md, results.json, rl_curve.svg, log.jsonl, test.jsonl, models/")
     return res

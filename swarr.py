@@ -353,7 +353,7 @@ def load_extension():
         cpp_extension.verify_ninja_availability()
         os.makedirs(build_dir, exist_ok=True)
         if not os.path.exists(os.path.join(build_dir, name + ".so")):
-            print(f"swarr: compiling csrc/ into build/{name} (first use only, about a minute)", file=sys.stderr)
+            print(f"swarr: compiling csrc/ into build/{name} (first use only, under a minute)", file=sys.stderr)
         cpp_extension.load(name=name, sources=sources, build_directory=build_dir, with_cuda=with_cuda,
                            extra_cflags=cflags, extra_ldflags=["-fopenmp"], extra_cuda_cflags=["-O3", "-lineinfo"],
                            is_python_module=False)

@@ -123,3 +123,15 @@ def test_other_data_runs_the_same_stages(tmp_path):
     assert [r["row"] for r in res["rows"]] == [demo.SA, demo.SWA, demo.SWARR, demo.CONTROL]
     assert all(r["n"] == 4 for r in res["rows"]) and "style" not in res
     assert "n/a" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_report_files_are_replaced_whole(tmp_path, monkeypatch):
+    path = tmp_path / "results.json"
+    demo.write(str(path), "old")
+    monkeypatch.setattr(demo.os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        demo.write(str(path), "new, interrupted")
+    assert path.read_text() == "old"
+    monkeypatch.undo()
+    demo.write(str(path), "new")
+    assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
