@@ -42,6 +42,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import grader
 import swarr
 from train_sft import (Recorder, apply_window, autocast, check_finite, collate, common_args, load_checkpoint,
                        make_optimizer, read_records, save_checkpoint, split_held_out)
@@ -69,7 +70,7 @@ def parser() -> argparse.ArgumentParser:
 
 def default_reward(completion: str, record: dict) -> float:
     """1.0 if the completion's final answer equals the gold answer (swarr.grade), else 0.0."""
-    return 1.0 if swarr.grade(completion, record["answer"]) else 0.0
+    return 1.0 if grader.grade(completion, record["answer"]) else 0.0
 
 
 def pick(n: int, P: int, step: int, seed: int) -> list[int]:
@@ -159,7 +160,7 @@ def run(args, model=None, tok=None, problems=None, held_out=None, reward_fn=None
     apply_window(model, args)
     device = next(model.parameters()).device
     if problems is None:
-        as_problem = lambda r: {"prompt": tok.chat(swarr.math_prompt(r["question"])), "answer": r["answer"]}
+        as_problem = lambda r: {"prompt": tok.chat(grader.math_prompt(r["question"])), "answer": r["answer"]}
         problems = [as_problem(r) for r in records]
         if held_records is not None:
             held_out = [as_problem(r) for r in held_records]

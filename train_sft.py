@@ -32,6 +32,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import grader
 import swarr
 
 
@@ -82,7 +83,7 @@ def read_records(path: str | None, flag: str = "--data") -> list[dict]:
     if not os.path.isfile(path):
         raise swarr.SwarrError(f"{path}: data file not found")
     try:
-        records = swarr.load_dataset(path)
+        records = grader.load_dataset(path)
     except ValueError as e:
         raise swarr.SwarrError(str(e)) from None
     if not records:
@@ -109,7 +110,7 @@ def sft_pair(tok: swarr.Tokenizer, cfg: swarr.Config, rec: dict) -> tuple[str, s
     sol, gsm8k = re.subn(r"\s*####.*$", "", sol, flags=re.S)
     if gsm8k or "\\boxed" not in sol:
         sol = f"{sol}\nThe answer is \\boxed{{{rec['answer']}}}.".lstrip()
-    return tok.chat(swarr.math_prompt(rec["question"])), sol + end_of_turn(tok, cfg)
+    return tok.chat(grader.math_prompt(rec["question"])), sol + end_of_turn(tok, cfg)
 
 
 def split_held_out(items: list, frac: float, seed: int) -> tuple[list, list]:
@@ -324,7 +325,7 @@ def run(args, model=None, tok=None, train=None, held_out=None, log=print, histor
             m["held_out_loss"] = held_out_loss(model, held, args.batch_size, device)
             line += f" held-out loss {m['held_out_loss']:.4f}"
         if held_out and args.eval_accuracy:
-            probs = [{"prompt": p, "answer": swarr.extract_answer(r)} for p, r in held_out[:args.eval_accuracy]]
+            probs = [{"prompt": p, "answer": grader.extract_answer(r)} for p, r in held_out[:args.eval_accuracy]]
             summary, _ = swarr.evaluate(model, tok, probs, max_new_tokens=args.max_new_tokens,
                                         batch_size=args.batch_size, progress=False)
             m["accuracy"] = summary["accuracy"]

@@ -10,6 +10,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "data"))
+import grader  # noqa: E402
 import swarr  # noqa: E402
 import synth  # noqa: E402
 import pretrain  # noqa: E402
@@ -44,7 +45,7 @@ def test_both_styles_give_the_correct_answer(style):
     for p in synth.problems(200, seed=1):
         text = synth.solve(p, style)
         assert boxed(text) == str(p.answer)
-        assert swarr.grade(text, str(p.answer))
+        assert grader.grade(text, str(p.answer))
         assert synth.style_of(text) == style
 
 

@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import grader
 import swarr
 
 
@@ -26,8 +27,8 @@ def test_eval_end_to_end(ckpts, tmp_path):
     assert summary["truncated"] == sum(r["truncated"] for r in rows) / 15
     assert abs(summary["mean_length"] - sum(r["length"] for r in rows) / 15) < 1e-9
     for row in rows:  # every verdict is the grader's verdict on the stored completion
-        assert row["extracted"] == swarr.extract_answer(row["completion"])
-        assert row["correct"] == swarr.is_equiv(row["gold"], row["extracted"])
+        assert row["extracted"] == grader.extract_answer(row["completion"])
+        assert row["correct"] == grader.is_equiv(row["gold"], row["extracted"])
 
 
 def test_majority_vote_groups_equivalent_answers():

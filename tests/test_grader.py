@@ -13,6 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import grader  # noqa: E402
 import swarr  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -114,9 +115,9 @@ CASES = [
 
 @pytest.mark.parametrize("gold,pred,expected", CASES)
 def test_is_equiv_table(gold, pred, expected):
-    assert swarr.is_equiv(gold, pred) is expected
+    assert grader.is_equiv(gold, pred) is expected
     if pred is not None and expected:
-        assert swarr.is_equiv(pred, gold) is True  # equivalence is symmetric
+        assert grader.is_equiv(pred, gold) is True  # equivalence is symmetric
 
 
 def test_table_is_big_enough():
@@ -151,14 +152,14 @@ def test_table_is_big_enough():
     (5, None),
 ])
 def test_extract_answer(text, expected):
-    assert swarr.extract_answer(text) == expected
+    assert grader.extract_answer(text) == expected
 
 
 def test_grade():
-    assert swarr.grade("3 + 15 = 18, so the total is \\boxed{18}.", "18")
-    assert swarr.grade("So $x = \\boxed{0.5}$", "\\frac{1}{2}")
-    assert not swarr.grade("So $x = \\boxed{2}$", "\\frac{1}{2}")
-    assert not swarr.grade("I do not know.", "18")
+    assert grader.grade("3 + 15 = 18, so the total is \\boxed{18}.", "18")
+    assert grader.grade("So $x = \\boxed{0.5}$", "\\frac{1}{2}")
+    assert not grader.grade("So $x = \\boxed{2}$", "\\frac{1}{2}")
+    assert not grader.grade("I do not know.", "18")
 
 
 # ---- hostile input: False quickly, no exception, nothing executed ----------------------------------------
@@ -179,36 +180,35 @@ def test_hostile_answers(bad):
         os.remove("/tmp/pwned")
     for gold in ("5", "x+1"):
         t = time.perf_counter()
-        assert swarr.is_equiv(gold, bad) is False
-        assert swarr.is_equiv(bad, gold) is False
-        assert swarr.grade(bad, gold) is False
-        swarr.extract_answer(bad)
-        assert time.perf_counter() - t < 3 * swarr.TIME_LIMIT_S + 1.0
+        assert grader.is_equiv(gold, bad) is False
+        assert grader.is_equiv(bad, gold) is False
+        assert grader.grade(bad, gold) is False
+        grader.extract_answer(bad)
+        assert time.perf_counter() - t < 3 * grader.TIME_LIMIT_S + 1.0
     assert not os.path.exists("/tmp/pwned")
 
 
 def test_time_limit_is_enforced(monkeypatch):
     """With a 0.1 ms budget even a small simplify is cut off: False, no exception, the timer is cleared."""
-    assert swarr.is_equiv("\\cot x", "\\frac{\\cos x}{\\sin x}")
-    monkeypatch.setattr(swarr, "TIME_LIMIT_S", 1e-4)
+    assert grader.is_equiv("\\cot x", "\\frac{\\cos x}{\\sin x}")
+    monkeypatch.setattr(grader, "TIME_LIMIT_S", 1e-4)
     t = time.perf_counter()
-    assert swarr.is_equiv("\\cot x", "\\frac{\\cos x}{\\sin x}") is False
+    assert grader.is_equiv("\\cot x", "\\frac{\\cos x}{\\sin x}") is False
     assert time.perf_counter() - t < 0.5 and signal.getitimer(signal.ITIMER_REAL)[0] == 0
 
 
 def test_no_string_evaluation_in_source():
-    src = (ROOT / "swarr.py").read_text()
-    section = src[src.index("# >>> MATH SECTION START"):src.index("# <<< MATH SECTION END")]
-    assert not re.search(r"(?<!re\.)\b(eval|exec|sympify|parse_expr|compile|S|__import__)\s*\(", section)
+    src = (ROOT / "grader.py").read_text()
+    assert not re.search(r"(?<!re\.)\b(eval|exec|sympify|parse_expr|compile|S|__import__)\s*\(", src)
 
 
 def test_alarm_handler_restored_and_threads_fall_back():
     before = signal.getsignal(signal.SIGALRM)
-    assert swarr.is_equiv("\\frac{\\sqrt2}{2}", "\\sqrt{2}/2")
+    assert grader.is_equiv("\\frac{\\sqrt2}{2}", "\\sqrt{2}/2")
     assert signal.getsignal(signal.SIGALRM) is before and signal.getitimer(signal.ITIMER_REAL)[0] == 0
     out = []  # other threads cannot use SIGALRM: strings and numbers only, symbolic answers are False
-    th = threading.Thread(target=lambda: out.extend([swarr.is_equiv("1/2", "0.5"), swarr.is_equiv("x", "x"),
-                                                     swarr.is_equiv("\\sqrt2/2", "\\frac{1}{\\sqrt2}")]))
+    th = threading.Thread(target=lambda: out.extend([grader.is_equiv("1/2", "0.5"), grader.is_equiv("x", "x"),
+                                                     grader.is_equiv("\\sqrt2/2", "\\frac{1}{\\sqrt2}")]))
     th.start()
     th.join()
     assert out == [True, True, False]
@@ -220,9 +220,9 @@ def test_throughput():
             "Hence $\\boxed{(-\\infty, 2) \\cup (3, \\infty)}$", "#### 1,234", "Answer: $2k+2$"]
     golds = ["18", "\\frac{1}{\\sqrt3}", "(-\\infty,2)\\cup(3,\\infty)", "1234", "2(k+1)", "19", "x^2", "(1,2)"]
     pairs = [(sols[i % 5], golds[(i * 7) % 8]) for i in range(1000)]
-    swarr.is_equiv("x", "y")  # warm-up (imports sympy)
+    grader.is_equiv("x", "y")  # warm-up (imports sympy)
     t = time.perf_counter()
-    n_right = sum(swarr.grade(c, g) for c, g in pairs)
+    n_right = sum(grader.grade(c, g) for c, g in pairs)
     dt = time.perf_counter() - t
     print(f"\ngrader: 1000 gradings in {dt:.3f} s = {1000 / dt:.0f}/s ({n_right} correct)")
     assert n_right > 0 and dt < 20
@@ -237,16 +237,16 @@ AMBIGUOUS = set()
 
 @needs_data
 def test_gsm8k_gold_agrees_with_solution():
-    recs = swarr.load_gsm8k(DATA / "gsm8k" / "test.jsonl")
-    bad = [r["id"] for r in recs if not swarr.grade(r["solution"], r["answer"]) and r["id"] not in AMBIGUOUS]
+    recs = grader.load_gsm8k(DATA / "gsm8k" / "test.jsonl")
+    bad = [r["id"] for r in recs if not grader.grade(r["solution"], r["answer"]) and r["id"] not in AMBIGUOUS]
     print(f"\nGSM8K test agreement: {len(recs) - len(bad)}/{len(recs)}")
     assert len(recs) == 1319 and not bad
 
 
 @needs_data
 def test_math500_gold_agrees_with_solution():
-    recs = swarr.load_math(DATA / "math500" / "test.jsonl")
-    bad = [r["id"] for r in recs if not swarr.grade(r["solution"], r["answer"]) and r["id"] not in AMBIGUOUS]
+    recs = grader.load_math(DATA / "math500" / "test.jsonl")
+    bad = [r["id"] for r in recs if not grader.grade(r["solution"], r["answer"]) and r["id"] not in AMBIGUOUS]
     print(f"\nMATH-500 agreement: {len(recs) - len(bad)}/{len(recs)}")
     assert len(recs) == 500 and not bad
 
@@ -255,16 +255,16 @@ def test_math500_gold_agrees_with_solution():
 def test_math500_answers_parse_and_do_not_collide():
     """The symbolic layer covers the MATH-500 answers (all but numbers in base b, kept as strings), and
     answers of neighbouring problems are not judged equal unless they really are."""
-    answers = [r["answer"] for r in swarr.load_math(DATA / "math500" / "test.jsonl")]
+    answers = [r["answer"] for r in grader.load_math(DATA / "math500" / "test.jsonl")]
     unparsed = []
     for a in answers:
         try:
-            swarr._parse(swarr._norm(a))
+            grader._parse(grader._norm(a))
         except Exception:
             unparsed.append(a)
     assert all(re.fullmatch(r"\d+_\{?\d+\}?", a) for a in unparsed), unparsed
-    same = {(a, b) for a, b in zip(answers, answers[1:] + answers[:1]) if swarr.is_equiv(a, b)}
-    assert {(a, b) for a, b in same if swarr._norm(a) != swarr._norm(b)} <= {("x=5", "5"), ("5", "x=5")}
+    same = {(a, b) for a, b in zip(answers, answers[1:] + answers[:1]) if grader.is_equiv(a, b)}
+    assert {(a, b) for a, b in same if grader._norm(a) != grader._norm(b)} <= {("x=5", "5"), ("5", "x=5")}
 
 
 # ---- loaders -----------------------------------------------------------------------------------------------
@@ -276,7 +276,7 @@ def write(path, rows):
 def test_load_gsm8k_and_detection(tmp_path):
     p = write(tmp_path / "g.jsonl", [{"question": "Q1?", "answer": "3+4=<<3+4=7>>7\n#### 7"}, "",
                                      {"question": "Q2?", "answer": "so\n#### 1,000"}])
-    for recs in (swarr.load_gsm8k(p), swarr.load_dataset(p)):
+    for recs in (grader.load_gsm8k(p), grader.load_dataset(p)):
         assert [r["answer"] for r in recs] == ["7", "1000"] and recs[0]["question"] == "Q1?"
         assert recs[1]["solution"].endswith("#### 1,000") and recs[0]["id"] != recs[1]["id"]
 
@@ -286,22 +286,22 @@ def test_load_math_and_detection(tmp_path):
         {"problem": "P", "solution": "x \\boxed{1} so \\boxed{\\frac{1}{2}}.", "level": "Level 5", "type": "Algebra",
          "unique_id": "train/algebra/0.json"},
         {"problem": "P2", "solution": "... \\boxed{3}", "answer": "3", "subject": "Geometry", "level": 2}])
-    for recs in (swarr.load_math(p), swarr.load_dataset(p)):
+    for recs in (grader.load_math(p), grader.load_dataset(p)):
         assert [r["answer"] for r in recs] == ["\\frac{1}{2}", "3"]
         assert [(r["subject"], r["level"]) for r in recs] == [("Algebra", 5), ("Geometry", 2)]
         assert recs[0]["id"] == "train/algebra/0.json" and recs[0]["question"] == "P"
     q = write(tmp_path / "nobox.jsonl", [{"problem": "P", "solution": "no box"},
                                          {"problem": "P", "solution": "\\boxed{2}"}])
     with pytest.warns(UserWarning, match=r"nobox.jsonl:1: .*skipped"):
-        assert [r["answer"] for r in swarr.load_math(q)] == ["2"]
+        assert [r["answer"] for r in grader.load_math(q)] == ["2"]
 
 
 def test_load_generic_jsonl(tmp_path):
     p = write(tmp_path / "p.jsonl", [{"prompt": "1+1?", "answer": 2, "source": "mine"}])
     q = write(tmp_path / "q.jsonl", [{"question": "2+2?", "answer": "4"}])
-    assert swarr.load_dataset(p) == [{"id": "p/1", "prompt": "1+1?", "answer": "2", "source": "mine",
+    assert grader.load_dataset(p) == [{"id": "p/1", "prompt": "1+1?", "answer": "2", "source": "mine",
                                       "question": "1+1?"}]
-    assert [(r["question"], r["answer"]) for r in swarr.load_dataset(q)] == [("2+2?", "4")]
+    assert [(r["question"], r["answer"]) for r in grader.load_dataset(q)] == [("2+2?", "4")]
 
 
 @pytest.mark.parametrize("rows,loader,line,why", [
@@ -315,14 +315,14 @@ def test_load_generic_jsonl(tmp_path):
 def test_loader_errors_name_file_and_line(tmp_path, rows, loader, line, why):
     p = write(tmp_path / "bad.jsonl", rows)
     with pytest.raises(ValueError, match=rf"bad\.jsonl:{line}: .*{why}"):
-        getattr(swarr, loader)(p)
+        getattr(grader, loader)(p)
 
 
 def test_loader_missing_and_empty_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
-        swarr.load_dataset(tmp_path / "nope.jsonl")
+        grader.load_dataset(tmp_path / "nope.jsonl")
     with pytest.raises(ValueError, match="empty.jsonl"):
-        swarr.load_dataset(write(tmp_path / "empty.jsonl", []))
+        grader.load_dataset(write(tmp_path / "empty.jsonl", []))
 
 
 @needs_data
@@ -330,11 +330,11 @@ def test_load_shared_datasets():
     sizes = {"gsm8k/train": 7473, "gsm8k/test": 1319, "math500/test": 500, "math/train": 7498}
     for name, n in sizes.items():
         with pytest.warns(UserWarning) if name == "math/train" else nullcontext():  # 2 empty \boxed{} upstream
-            recs = swarr.load_dataset(DATA / f"{name}.jsonl")
+            recs = grader.load_dataset(DATA / f"{name}.jsonl")
         assert len(recs) == n and all(r["question"] and r["answer"] for r in recs), name
 
 
 def test_math_prompt():
-    p = swarr.math_prompt("  What is 2+3?\n")
+    p = grader.math_prompt("  What is 2+3?\n")
     assert p.startswith("What is 2+3?\n") and "step by step" in p and p.endswith("\\boxed{}.")
 
