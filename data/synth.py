@@ -27,8 +27,8 @@ decides whether a sliding-window model can follow it.
     [True, False, False, True]
 
 How far back the traces reach, in tokens of the shipped tokenizer (chat-wrapped prompt; `lookback`):
-restating at every line 24-28 (4 terms), 28-32 (5), 32-36 (6); restating nowhere 41-52, 58-69, 75-88; the
-other patterns lie in between (tests/test_data.py, README.md).
+restating at every line 24-28 (4 terms), 28-32 (5 terms); restating nowhere 43-52 and 58-71; the other patterns
+lie in between (tests/test_data.py, README.md).
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 RESTATE_RATE = 0.25    # per line, in the SFT data (traces written for full attention)
 CORPUS_RATE = 0.5      # per line, in the pretraining text (the base model knows both kinds of line equally)
-TERMS = (4, 6)         # a problem has 4 to 6 products
+TERMS = (4, 5)         # a problem has 4 or 5 products (the pretraining text has no longer ones)
 FACTORS = (1, 9)       # single-digit factors
 LEFT = ", left "       # how a line restates the terms still to come
 

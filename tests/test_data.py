@@ -152,11 +152,12 @@ def test_lookback_is_set_by_where_lines_restate(tok):
         every.setdefault(n, []).append(synth.lookback(tok, prompt + synth.solve(p, [True] * (n - 1)), len(prompt)))
         none.setdefault(n, []).append(synth.lookback(tok, prompt + synth.solve(p, [False] * (n - 1)), len(prompt)))
     ranges = {n: ((min(every[n]), max(every[n])), (min(none[n]), max(none[n]))) for n in every}
-    assert ranges == {4: ((24, 28), (41, 52)), 5: ((28, 32), (58, 69)), 6: ((32, 36), (75, 88))}, ranges
-    p = synth.problems(1, seed=3, terms=(6, 6))[0]
+    assert ranges == {4: ((24, 28), (43, 52)), 5: ((28, 32), (58, 71))}, ranges
+    p = synth.problems(1, seed=3, terms=(5, 5))[0]
     prompt = tok.chat(p.prompt)
     reach = lambda pat: synth.lookback(tok, prompt + synth.solve(p, pat), len(prompt))
-    assert reach([True, False, True, False, True]) < reach([True, False, False, False, True]) < reach([False] * 5)
+    assert reach([True, True, True, False]) < reach([True, False, True, False]) < reach([True, False, False, False])
+    assert reach([True, False, False, False]) < reach([False] * 4)
     assert synth.lookback(tok, "1*2+3*4\n1*2=2", 8) == tok.encode("1*2+3*4\n").__len__()
 
 
