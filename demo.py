@@ -511,18 +511,19 @@ def run(args) -> dict:
     stages.end()
     del sa
 
-    per = {w: window_rows(base, tok, data, args, w, log, stages, models) for w in windows}
-    write(os.path.join(args.out, "log.jsonl"), "".join(json.dumps(h) + "\n" for h in log.history))
+    per = {}
+    for w in windows:
+        per[w] = window_rows(base, tok, data, args, w, log, stages, models)
+        write(os.path.join(args.out, "log.jsonl"), "".join(json.dumps(h) + "\n" for h in log.history))
+        if args.sweep:  # the table and figure so far, rewritten after each window
+            r = dict(per[w], rows=[sa_row] + per[w]["rows"])
+            res.setdefault("windows", {})[w] = dict(r, checks=checks(r))
+            res.update(sa=sa_row, wall_s=time.time() - t0)
+            write(os.path.join(args.out, "results.json"), json.dumps(res, indent=2))
+            sweep_svg(res, os.path.join(args.out, "sweep.svg"))
+            write(os.path.join(args.out, "report.md"), sweep_report(res))
     if args.sweep:
-        res.update(sa=sa_row, windows={w: dict(r, rows=[sa_row] + r["rows"]) for w, r in per.items()},
-                   wall_s=time.time() - t0)
-        for w in windows:
-            res["windows"][w]["checks"] = checks(dict(res["windows"][w]))
-        write(os.path.join(args.out, "results.json"), json.dumps(res, indent=2))
-        text = sweep_report(res)
-        sweep_svg(res, os.path.join(args.out, "sweep.svg"))
-        write(os.path.join(args.out, "report.md"), text)
-        print("\n" + text)
+        print("\n" + sweep_report(res))
         print(f"wrote {args.out}/: report.md, results.json, sweep.svg, log.jsonl, test.jsonl")
         return res
 
