@@ -3,31 +3,23 @@
     python bench.py [kernel | e2e | all] [--quick] [--json PATH] [--threads N]        (default: all)
     e2e flags: [--model M] [--device D] [--dtype T] [--windows W,..] [--contexts C,..] [--batches B,..]
                [--steps S] [--prefill-max C]
-    e.g. python bench.py e2e --model tiny --batches 16 --contexts 1024,32768 --windows 512
-         python bench.py e2e --model qwen2.5-1.5b --device cuda --dtype bfloat16
+    e.g. python bench.py e2e --model qwen2.5-1.5b --device cuda --dtype bfloat16
 
-kernel: one row per (op, N, W); float32, B=1, 8 query heads, 2 KV heads, head_dim 64. The compiled extension
-(swarr.attention, swarr.decode) against chunked SDPA (queries in chunks of 128, each against only its key window;
-pure PyTorch), flex (torch.compile'd FlexAttention with a sliding-window block mask; forward only: it has no CPU
-backward), SDPA causal (full attention, as before the conversion to SWA) and SDPA banded (a banded boolean mask:
-computes the whole N x N square); for decode, SDPA over the W-slot ring buffer and SDPA over a full N-token cache.
-Before a row is timed, every candidate that computes windowed attention is compared with a float64 reference on
-fresh random inputs, gradients included: a peer that disagrees is dropped with a note, a wrong extension stops the
-run. Each time is the median of at least 3 repetitions after a warm-up, the candidates of a row taking turns so
-that load from other jobs hits them alike; ratio = peer time / ext time. Work: the forward does 4 * D * H flops per
-(query, key) pair inside the window, the backward 2.5x that; decode reads 2 * min(N, W) * D * Hkv * 4 bytes per
-token and layer. Achieved rates stand beside this machine's fp32 matmul rate and copy bandwidth, measured in the
-same run.
+kernel: one row per (op, N, W). The compiled extension (swarr.attention, swarr.decode) against chunked SDPA
+(queries in chunks of 128, each against only its key window; pure PyTorch), flex (torch.compile'd FlexAttention
+with a sliding-window block mask; forward only: it has no CPU backward), SDPA causal (full attention, the model
+before the conversion) and SDPA banded (a banded boolean mask: computes the whole N x N square); for decode, SDPA
+over the W-slot ring buffer and over a full N-token cache. Every candidate that computes windowed attention is first
+checked against a float64 reference on fresh random inputs (gradients too). Times are medians of >= 3 repetitions,
+the candidates of a row taking turns so that load from other jobs hits them alike; ratio = peer time / ext time.
+Work (flops, bytes) is counted exactly and the achieved rates stand beside this machine's fp32 matmul rate and copy
+bandwidth, measured in the same run.
 
-e2e: one table per (model, batch), one row per (context, attention): SA (full attention) and SWA at each window,
-through the real generation path. Decode: caches from swarr.make_caches(model, B, C + steps + 1) filled with
-random K/V up to the context C, then swarr.decode_loop (greedy, no stop token); a 3-token run subtracted from a
-`steps`-token run gives the steady-state tok/s. predicted SWA/SA = step_bytes(SA) / step_bytes(SWA), the bytes a
-step must read: the weights once plus every sequence's cached keys and values. KV MiB: the caches as allocated.
-Prefill: swarr.prefill of one C-token prompt on fresh caches. A run whose memory allocation fails is reported as
-"does not fit". --model: a checkpoint folder (swarr.load) or a named shape with random weights (tiny =
-data/tiny-sa/config.json; qwen2.5-0.5b and qwen2.5-1.5b: their published HF configs). On a CPU that other jobs
-are using, --threads 1 avoids stalls of ms per parallel op.
+e2e: SA (full attention) vs SWA at each window, per model, batch and context, through the real generation path
+(swarr.make_caches, swarr.prefill, swarr.decode_loop): steady-state decode tok/s with caches filled up to the
+context, the predicted speed-up from the bytes a decode step reads, the KV bytes the caches hold, prefill time.
+A run whose memory allocation fails is reported as "does not fit". On a CPU that other jobs are using, --threads 1
+avoids stalls of ms per parallel op.
 """
 from __future__ import annotations
 
@@ -39,6 +31,7 @@ import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -103,30 +96,23 @@ def sdpa(q, k, v, **kw):
     return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw)
 
 
-def chunked(attn, q, k, v, W: int, chunk: int):
-    """attn(q_chunk, k_window, v_window) per query chunk [s, e) against its keys [s - W + 1, e), concatenated:
-    the same result as over the whole sequence, in O(N * (chunk + W)) memory."""
-    out = []
-    for s in range(0, q.shape[2], chunk):
-        e, ks = min(q.shape[2], s + chunk), max(0, s - W + 1)
-        out.append(attn(q[:, :, s:e], k[:, :, ks:e], v[:, :, ks:e], e - s, e - ks))
-    return torch.cat(out, dim=2)
+def chunks(N: int, W: int, size: int) -> list:
+    """(start, end, key_start) per chunk of `size` queries: the chunk's queries see keys [start - W + 1, end)."""
+    return [(s, min(N, s + size), max(0, s - W + 1)) for s in range(0, N, size)]
 
 
-def chunked_sdpa(W: int):
-    """The chunked-SDPA peer: SDPA on each chunk of CHUNK queries with its window mask, built once per size."""
-    masks = {}
-
-    def attn(q, k, v, nq, nk):
-        m = masks.get((nq, nk))
-        m = masks[nq, nk] = swarr.window_mask(nq, nk, W) if m is None else m
-        return sdpa(q, k, v, attn_mask=m)
-    return lambda q, k, v: chunked(attn, q, k, v, W, CHUNK)
+def chunked_sdpa(N: int, W: int):
+    """The chunked-SDPA peer: SDPA on each chunk of CHUNK queries against its key window (masks built once)."""
+    parts = [(s, e, ks, swarr.window_mask(e - s, e - ks, W)) for s, e, ks in chunks(N, W, CHUNK)]
+    return lambda q, k, v: torch.cat([sdpa(q[:, :, s:e], k[:, :, ks:e], v[:, :, ks:e], attn_mask=m)
+                                      for s, e, ks, m in parts], dim=2)
 
 
 def reference(W: int):
-    """swarr.attention_ref (the library's reference, SDPA over a mask) chunked by 512 queries."""
-    return lambda q, k, v: chunked(lambda *a: swarr.attention_ref(*a[:3], W), q, k, v, W, 512)
+    """swarr.attention_ref per chunk of 512 queries against its key window: the same result as over the whole
+    sequence, in O(N * (512 + W)) memory instead of O(N^2)."""
+    return lambda q, k, v: torch.cat([swarr.attention_ref(q[:, :, s:e], k[:, :, ks:e], v[:, :, ks:e], W)
+                                      for s, e, ks in chunks(q.shape[2], W, 512)], dim=2)
 
 
 def flex_peer(N: int, W: int, make_args):
@@ -184,7 +170,7 @@ def kernel_rows(sizes, decode_sizes, reps: int, decode_calls: int = 200) -> tupl
     for N, W in sizes:
         flops, where = 4 * D * H * band_pairs(N, W), f"N={N} W={W}"
         mask = swarr.window_mask(N, N, W) if N <= 8192 else None  # 8192^2 booleans: 64 MB
-        ext, chunk_peer = (lambda q, k, v: swarr.attention(q, k, v, W)), chunked_sdpa(W)
+        ext, chunk_peer = (lambda q, k, v: swarr.attention(q, k, v, W)), chunked_sdpa(N, W)
         cands = {"ext": (ext, inputs(N)), "chunked SDPA": (chunk_peer, inputs(N))}
         with torch.no_grad():
             flex = flex_peer(N, W, inputs(N))
@@ -291,16 +277,11 @@ def print_kernel_table(rows, notes, c):
 # e2e section: the whole model, SA vs SWA, through the real generation path (make_caches, prefill, decode_loop)
 
 
-def _tiny_config() -> dict:
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tiny-sa", "config.json")) as f:
-        return json.load(f)
-
-
 _QWEN25 = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 151936,
            "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
            "tie_word_embeddings": True, "hidden_act": "silu", "use_sliding_window": False}
 SHAPES = {  # named shapes, built with random weights: published HF config values
-    "tiny": _tiny_config,
+    "tiny": lambda: json.loads((Path(__file__).resolve().parent / "data" / "tiny-sa" / "config.json").read_text()),
     "qwen2.5-0.5b": lambda: {**_QWEN25, "hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14,
                              "num_key_value_heads": 2, "intermediate_size": 4864},
     "qwen2.5-1.5b": lambda: {**_QWEN25, "hidden_size": 1536, "num_hidden_layers": 28, "num_attention_heads": 12,
@@ -378,13 +359,12 @@ def build_model(spec: str, dtype, device):
 
 
 def _timed(fn, device) -> float:
-    """Wall time of fn() in seconds, the device synchronised before and after."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    """Wall time of fn() in seconds; on CUDA the device is synchronised before and after."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda _: None)
+    sync(device)
     t0 = time.perf_counter()
     fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     return time.perf_counter() - t0
 
 
@@ -450,47 +430,42 @@ def decode_if_fits(model, B: int, C: int, steps: int) -> dict:
 def run_e2e(model, *, name="model", windows=(512,), contexts=(1024,), batches=(1,), steps=8, prefill_max=None,
             progress=True) -> dict:
     """SA and SWA (every layer at each window) decode throughput, KV bytes and prefill time. Returns
-    {"rows": one per (B, context, attention), "overhead": {B: the SA run at OVERHEAD_CTX}}."""
+    {"rows": one per (B, context, attention), "overhead": {B: decode_if_fits of SA at OVERHEAD_CTX}}."""
     cfg, p = model.cfg, next(model.parameters())
-    dev, db = p.device, p.element_size()
+    db = p.element_size()
     if steps <= SHORT:
         raise swarr.SwarrError(f"--steps must be more than {SHORT}, got {steps}")
     for w in windows:
         swarr.check_window(w)
     prefill_max = max(contexts) if prefill_max is None else prefill_max
-    plan = [(B, OVERHEAD_CTX, "overhead") for B in batches]
-    plan += [(B, C, w) for B in batches for C in contexts for w in (None, *windows)]
+    model.set_window(None)
     with torch.no_grad():  # warm-up: the first call of every kernel pays for its one-time setup
-        model.set_window(None)
         prefill_ms(model, OVERHEAD_CTX)
-    prefills, overhead, rows = {}, {}, []
+    overhead = {B: {"context": OVERHEAD_CTX, **decode_if_fits(model, B, OVERHEAD_CTX, steps)} for B in batches}
+    plan = [(B, C, w) for B in batches for C in contexts for w in (None, *windows)]
+    prefills, rows = {}, []
     for i, (B, C, w) in enumerate(plan):
-        model.set_window(None if w == "overhead" else w)
-        row = {"model": name, "B": B, "context": C, "attn": "SA" if w in (None, "overhead") else "SWA",
-               "window": None if w == "overhead" else w, "tok_s": None, "tok_s_call": None, "step_ms": None,
-               "gbs": None, "ratio": None, "meas_over_pred": None, "prefill_ms": None, "prefill_status": "skipped"}
-        row["step_bytes"] = step_bytes(cfg, row["window"], B, C, db)
-        row["predicted"] = None if row["window"] is None else predicted_ratio(cfg, w, B, C, db)
+        model.set_window(w)
+        row = {"model": name, "B": B, "context": C, "attn": "SA" if w is None else "SWA", "window": w,
+               "tok_s": None, "tok_s_call": None, "step_ms": None, "gbs": None, "ratio": None,
+               "step_bytes": step_bytes(cfg, w, B, C, db), "meas_over_pred": None,
+               "predicted": None if w is None else predicted_ratio(cfg, w, B, C, db)}
         row.update(decode_if_fits(model, B, C, steps))
         if row["status"] == "ok":
             row["gbs"] = row["step_bytes"] / (row["step_ms"] / 1e3) / 1e9
-        if progress:
-            what = "(overhead run)" if w == "overhead" else "SA" if w is None else f"SWA W={w}"
-            got = f"{row['tok_s']:,.0f} tok/s" if row["tok_s"] else row["status"]
-            print(f"e2e {name} [{i + 1}/{len(plan)}] B={B} C={C} {what}: {got}, KV {row['kv_bytes'] / 2**20:,.1f} MiB",
-                  file=sys.stderr, flush=True)
-        if w == "overhead":
-            overhead[B] = {k: row[k] for k in ("context", "status", "tok_s", "step_ms", "step_bytes")}
-            continue
-        if (C, w) not in prefills:
-            r = if_fits(lambda: {"ms": prefill_ms(model, C)}, dev) if C <= prefill_max else {"status": "skipped"}
-            prefills[C, w] = (r.get("ms"), r["status"])
+        if (C, w) not in prefills:  # once per context and window, at the first batch size
+            r = if_fits(lambda: {"ms": prefill_ms(model, C)}, p.device) if C <= prefill_max else {"status": "skipped"}
+            prefills[C, w] = r.get("ms"), r["status"]
         row["prefill_ms"], row["prefill_status"] = prefills[C, w]
         sa = next((r for r in rows if r["B"] == B and r["context"] == C and r["attn"] == "SA"), None)
         if w is not None and sa and sa["tok_s"] and row["tok_s"]:
             row["ratio"] = row["tok_s"] / sa["tok_s"]
             row["meas_over_pred"] = row["ratio"] / row["predicted"]
         rows.append(row)
+        if progress:
+            got = f"{row['tok_s']:,.0f} tok/s" if row["tok_s"] else row["status"]
+            print(f"e2e {name} [{i + 1}/{len(plan)}] B={B} C={C} {row['attn']} W={w}: {got}, "
+                  f"KV {row['kv_bytes'] / 2**20:,.1f} MiB", file=sys.stderr, flush=True)
     model.set_window(None)
     return {"rows": rows, "overhead": overhead}
 
@@ -579,11 +554,8 @@ def bench_e2e(args) -> dict:
 
 def positive_ints(text: str) -> list:
     """A flag's comma-separated positive integers, e.g. "512,2048"."""
-    try:
-        vals = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        vals = []
-    if not vals or min(vals) <= 0:
+    vals = [int(x) if x.strip().isdigit() else 0 for x in text.split(",")]
+    if min(vals) <= 0:
         raise argparse.ArgumentTypeError(f"wants comma-separated positive integers, got {text!r}")
     return vals
 
@@ -605,13 +577,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     e = p.add_argument_group("e2e", "whole-model SA vs SWA decode/prefill (defaults in brackets; --quick: "
-                             + ", ".join(f"{k} {v}" for k, v in E2E_QUICK.items()) + ")")
+                             + ", ".join(f"{k} {v}" for k, v in E2E_QUICK.items()).replace("[", "").replace("]", "") + ")")
     e.add_argument("--model", help=f"checkpoint folder, or a named shape with random weights: {', '.join(SHAPES)} "
                    "[tiny]")
     e.add_argument("--device", help="cpu or cuda [cuda if available]")
     e.add_argument("--dtype", choices=sorted(swarr.DTYPES), help="[bfloat16 on cuda, float32 on cpu]")
     for flag in ("windows", "contexts", "batches"):
-        e.add_argument(f"--{flag}", type=positive_ints, help=f"comma-separated [{E2E_DEFAULTS[flag]}]")
+        e.add_argument(f"--{flag}", type=positive_ints, help=f"comma-separated [{','.join(map(str, E2E_DEFAULTS[flag]))}]")
     e.add_argument("--steps", type=int, help="decode steps per measurement [128 on cuda, 32 on cpu]")
     e.add_argument("--prefill-max", type=int, dest="prefill_max",
                    help="longest context whose prefill is timed; 0 = none [all on cuda, 8192 on cpu]")
