@@ -406,14 +406,16 @@ def prefill_ms(model, C: int, seed: int = 0) -> float:
 
 
 def if_fits(measure_fn, device) -> dict:
-    """{"status": "ok", **measure_fn()}, or {"status": "does not fit (...)"} when a memory allocation fails."""
+    """{"status": "ok", **measure_fn()}, or {"status": "does not fit (allocation failed)"} when a memory allocation
+    fails (the reason goes to stderr)."""
     try:
         return {"status": "ok", **measure_fn()}
     except RuntimeError as e:  # torch.OutOfMemoryError is a RuntimeError, and so is a failed CPU allocation
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if not (isinstance(e, torch.OutOfMemoryError) or "out of memory" in msg.lower() or "alloc" in msg.lower()):
+        msg = str(e).lower()
+        if not (isinstance(e, torch.OutOfMemoryError) or "out of memory" in msg or "allocate" in msg):
             raise
-        return {"status": f"does not fit ({msg[:80]})"}
+        print(f"does not fit: {str(e).splitlines()[0][:200]}", file=sys.stderr)
+        return {"status": "does not fit (allocation failed)"}
     finally:
         gc.collect()
         if device.type == "cuda":
