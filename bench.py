@@ -49,10 +49,9 @@ SAME_RESULT = ("ext", "chunked SDPA", "flex", "SDPA banded", "SDPA ring")  # SDP
 
 
 def measure(candidates: dict, reps: int = REPS, warmup: int = 1) -> dict:
-    """{name: (fn, make_args)} -> {name: median ms of fn(*args)} over max(reps, REPS) repetitions. The candidates
-    take turns within each repetition, so a change in machine load hits all of them alike; each alternates between
-    two fresh random input sets. A short pause before each call lets the previous candidate's OpenMP threads stop
-    spin-waiting."""
+    """{name: (fn, make_args)} -> {name: median ms of fn(*args)} over max(reps, REPS) repetitions after a warm-up.
+    The candidates take turns, so a change in machine load hits all of them alike; each alternates between two fresh
+    random input sets; a short pause lets the previous candidate's OpenMP threads stop spin-waiting."""
     sets = {name: [make(), make()] for name, (fn, make) in candidates.items()}
     times = {name: [] for name in candidates}
     for i in range(warmup + max(reps, REPS)):
@@ -369,11 +368,10 @@ def _timed(fn, device) -> float:
 
 
 def decode_rate(model, B: int, C: int, steps: int) -> dict:
-    """Steady-state decode throughput at context C: caches from swarr.make_caches(model, B, C + steps + 1) with
-    random keys/values in the first C positions and pos = C (as if a C-token prompt had been prefilled), then
-    swarr.decode_loop, greedy with no stop token, so it runs exactly the tokens asked. After a warm-up, REPS pairs
-    of a SHORT-token and a `steps`-token run: each pair's difference is `steps - SHORT` forward steps (the first
-    token and, on CUDA, the eager steps and graph capture cancel); the median pair gives the time per step."""
+    """Steady-state decode rate at context C: caches for C + steps + 1 positions holding random keys/values up to
+    pos = C (as if a C-token prompt had been prefilled), then swarr.decode_loop, greedy with no stop token. The
+    difference of a SHORT-token and a `steps`-token run is `steps - SHORT` steps (start-up costs cancel); after a
+    warm-up, the median of REPS such pairs."""
     p = next(model.parameters())
     caches = swarr.make_caches(model, B, C + steps + 1)
     for c in caches:
@@ -492,11 +490,10 @@ def print_e2e_table(res: dict, c: dict):
         if oh.get("step_ms"):
             print(f"\noverhead outside attention/KV (SA at C={oh['context']}, batch {B}): {oh['step_ms']:.2f} ms/step "
                   f"= {oh['tok_s']:,.0f} tok/s (Python, kernel launches, MLP and weights)")
-    print(f"\ntok/s: steady state of swarr.decode_loop (greedy, no stop token) after filling the caches with random "
-          f"K/V up to the context, median of {REPS}; ms/step = 1000 * batch / tok/s; GB/s = step_bytes / step time "
-          f"(weights + KV, what the step must read); predicted = step_bytes(SA) / step_bytes(SWA); KV MiB: the "
-          f"caches as allocated (context + {c['steps'] + 1} slots for SA, min(W, that) for SWA); prefill: one prompt "
-          f"of the context length, median of {REPS}; paper: the SWA/SA decode speed-up reported at 32k")
+    print(f"\ntok/s: steady state of swarr.decode_loop (greedy) with caches holding random K/V up to the context; "
+          f"GB/s = step_bytes (weights + KV: what a step must read) / step time; predicted = step_bytes(SA) / "
+          f"step_bytes(SWA); KV MiB: the caches as allocated (context + {c['steps'] + 1} slots for SA, min(W, that) "
+          f"for SWA); prefill: one prompt of the context length; times: medians of {REPS}; paper: SWA/SA at 32k")
     if c["device"] == "cpu" and c["dtype"] != "float32":
         print("note: on the CPU the decode kernel converts 16-bit caches to float32 every step, so it moves "
               "about 5x the bytes predicted")
