@@ -576,7 +576,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     e = p.add_argument_group("e2e", "whole-model SA vs SWA decode/prefill (defaults in brackets; --quick: "
-                             + ", ".join(f"{k} {v}" for k, v in E2E_QUICK.items()).replace("[", "").replace("]", "") + ")")
+                             + ", ".join(f"{k} {','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in E2E_QUICK.items())
+                             + ")")
     e.add_argument("--model", help=f"checkpoint folder, or a named shape with random weights: {', '.join(SHAPES)} "
                    "[tiny]")
     e.add_argument("--device", help="cpu or cuda [cuda if available]")
