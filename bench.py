@@ -399,7 +399,7 @@ def prefill_ms(model, C: int, seed: int = 0) -> float:
     for _ in range(REPS):
         caches = swarr.make_caches(model, 1, C + 1)
         times.append(1e3 * _timed(lambda: swarr.prefill(model, [prompt], caches), dev))
-        del caches
+        caches = None  # freed before the next run allocates its own
     return statistics.median(times)
 
 
@@ -576,14 +576,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     e = p.add_argument_group("e2e", "whole-model SA vs SWA decode/prefill (defaults in brackets; --quick: "
-                             + ", ".join(f"{k} {','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in E2E_QUICK.items())
-                             + ")")
+                             + ", ".join(f"{k} {','.join(map(str, v)) if isinstance(v, list) else v}"
+                                         for k, v in E2E_QUICK.items()) + ")")
     e.add_argument("--model", help=f"checkpoint folder, or a named shape with random weights: {', '.join(SHAPES)} "
                    "[tiny]")
     e.add_argument("--device", help="cpu or cuda [cuda if available]")
     e.add_argument("--dtype", choices=sorted(swarr.DTYPES), help="[bfloat16 on cuda, float32 on cpu]")
     for flag in ("windows", "contexts", "batches"):
-        e.add_argument(f"--{flag}", type=positive_ints, help=f"comma-separated [{','.join(map(str, E2E_DEFAULTS[flag]))}]")
+        e.add_argument(f"--{flag}", type=positive_ints,
+                       help=f"comma-separated [{','.join(map(str, E2E_DEFAULTS[flag]))}]")
     e.add_argument("--steps", type=int, help="decode steps per measurement [128 on cuda, 32 on cpu]")
     e.add_argument("--prefill-max", type=int, dest="prefill_max",
                    help="longest context whose prefill is timed; 0 = none [all on cuda, 8192 on cpu]")
