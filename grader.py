@@ -115,7 +115,8 @@ _BOX_GAP = re.compile(r"[\s$,;]*(?:(?:\\text\{\s*)?(?:and|or)\s*\}?|\\q?quad)?[\
 
 
 def _final_boxes(text: str) -> str | None:
-    """The final boxed answer; boxes written next to each other form one answer (a list, or named values):
+    """The final boxed answer; boxes written next to each other form one answer (a list, or named values),
+    unless they all hold the same value in different forms (then the last one is the answer):
     '$x=\\boxed{1}$ and $\\boxed{2}$' -> '1, 2';  'k = \\boxed{45}, n = \\boxed{2}' -> 'k=45, n=2'."""
     boxes = _boxes(text)
     if not boxes:
@@ -127,8 +128,8 @@ def _final_boxes(text: str) -> str | None:
             break
         names.insert(0, gap.group(1))
         run.insert(0, prev)
-    if len(run) == 1:
-        return run[0][2]
+    if len(run) == 1 or all(is_equiv(run[-1][2], b[2]) for b in run[:-1]):  # '$15\frac{39}{40}$, or $\frac{639}{40}$'
+        return run[-1][2]
     first = re.search(_NAME_EQ + r"[\s$]*$", text[max(0, run[0][0] - 40):run[0][0]])
     names.insert(0, first.group(1) if first else None)
     if all(names) and len(set(names)) == len(names):
@@ -211,8 +212,8 @@ def _norm(s: str) -> str:
                      r"(?:/[a-zA-Z]+(?:\^\{?[23]\}?)?)?(?:\s+[a-zA-Z]+)*\.?", s)  # '18 dollars', '5cm', '12 m^2'
     s = m.group(1) if m else s
     joiner = " \\lor " if _RELATION.search(s) else ","  # 'x<1 or x>2' is a union; '3 and 5' a list
-    s = re.sub(r"\s+or\s+|\\lor(?![a-z])|\\vee(?![a-z])", joiner, s)
-    s = re.sub(r"\s+and\s+|\\land(?![a-z])|\\wedge(?![a-z])", " \\land " if joiner != "," else ",", s)
+    s = re.sub(r"\s+or\s+|\\lor(?![a-z])|\\vee(?![a-z])", lambda m: joiner, s)
+    s = re.sub(r"\s+and\s+|\\land(?![a-z])|\\wedge(?![a-z])", lambda m: " \\land " if joiner != "," else ",", s)
     s = re.sub(r"(?<![_^]\d)(?<=\d)\s+(?=\d)", ",", s)  # '3 5' -> '3,5' (not 35); '1 000' -> '1,000' -> 1000
     if not re.search(r"[(\[]|\\\{", s):  # thousands separators: every group after the first has 3 digits
         s = re.sub(r"(?<![\d.,])\d{1,3}(?:,\d{3})+(?!\d|,\d)", lambda m: m.group().replace(",", ""), s)
@@ -277,9 +278,9 @@ def _number(s: str):
     """Plain number -> (Fraction, inexact) or None. '-3/4' -> (Fraction(-3, 4), False); '2.50' -> (5/2, True)."""
     if re.fullmatch(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d{1,3})?", s):  # exponent <= 999: no huge ints
         return Fraction(s), bool(re.search(r"[.eE]", s))
-    m = re.fullmatch(r"(-?)(?:\\frac\{(-?\d+)\}\{(-?\d+)\}|(-?\d+)/(-?\d+))", s)
-    if m and int(m.group(3) or m.group(5)) != 0:
-        value = Fraction(int(m.group(2) or m.group(4)), int(m.group(3) or m.group(5)))
+    m = re.fullmatch(r"(-?)(?:\\frac\{(-?\d+)\}\{(-?\d+)\}|(-?\d+)/(-?\d+)|\\frac(\d)(\d))", s)
+    if m and int(m.group(3) or m.group(5) or m.group(7)) != 0:
+        value = Fraction(int(m.group(2) or m.group(4) or m.group(6)), int(m.group(3) or m.group(5) or m.group(7)))
         return (-value if m.group(1) else value), False
     return None
 
@@ -887,17 +888,8 @@ def is_equiv(gold, pred) -> bool:
 
 def grade_detail(completion: str, gold) -> Verdict:
     """Reward check with its evidence: the answer extracted from the completion, compared with the gold.
-    Boxes next to each other are one answer ('\\boxed{1}, \\boxed{2}'), but 'A, or \\boxed{B}' may also give
-    one answer in two forms: when the joined boxes do not match, the last box alone is tried (never any other
-    single box, so boxing many guesses gains nothing).
     grade_detail('so \\boxed{18}.', '18') -> Verdict(correct=True, gold='18', pred='18', reason='same string', ..)"""
-    verdict = judge(gold, extract_answer(completion))
-    if not verdict.correct and isinstance(completion, str):
-        last = _last_boxed(completion)
-        if last is not None and last != verdict.pred:
-            alone = judge(gold, last)
-            return alone if alone.correct else verdict
-    return verdict
+    return judge(gold, extract_answer(completion))
 
 
 def grade(completion: str, gold) -> bool:
