@@ -186,6 +186,9 @@ _NAME = re.compile(rf"{_VAR}(?:\^\{{?-1\}}?)?(?:\([a-zA-Z](?:,[a-zA-Z])*\))?|\({
                    r"|[A-Z]{2,3}|m?\\angle ?[A-Z]{1,3}")
 
 
+_NUMBER_WORDS = {w: i for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen twenty".split())} | {"thirty": 30, "forty": 40, "fifty": 50, "hundred": 100}
 _PLAIN = re.compile(r"-?\d+(?:\.\d+)?")
 
 
@@ -202,6 +205,10 @@ def _norm(s: str) -> str:
     s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?|°|\\circ|\\degree|\\euro|\\pounds|\\textdollar|\\textsterling", "", s)
     for pattern, repl in _REL_SPELLINGS:
         s = re.sub(pattern, repl, s)
+    s = re.sub(r"\\langle(?![a-z])", "(", re.sub(r"\\rangle(?![a-z])", ")", s))  # vectors <1, 2> are tuples
+    s = re.sub(r"\\varnothing|\\emptyset|\\\{\s*\\\}|\\O(?![a-zA-Z])", r"\\emptyset", s)
+    m = re.fullmatch(r"\s*\\boxed\s*\{(.*)\}\s*", s)  # an answer given as '\boxed{4}'
+    s = m.group(1) if m else s
     s = re.sub(r"\\(?:mathbb\{R\}|R)(?![a-zA-Z])|\\text\{\s*all real numbers\s*\}", r"(-\\infty,\\infty)", s)
     s = re.sub(r"\\?[%$]|(?<!\\)\\[ ,;:]|~|\\q?quad", " ", s).strip()
     s = re.sub(_TEXT + r"\{\s*(and|or)\s*\}", r" \1 ", s)  # '3 \text{ and } 5', 'x<1 \text{ or } x>2'
@@ -221,6 +228,8 @@ def _norm(s: str) -> str:
     s = re.sub(r"(?<=\d)_\{(\w+)\}", r"_\1", s).rstrip(".").strip(",;")  # base subscripts: 204_{5} -> 204_5
     if len(_split(s, ",")) == 1:
         s = _rhs(s) or s
+    if s.lower() in _NUMBER_WORDS:  # 'six' == 6
+        return str(_NUMBER_WORDS[s.lower()])
     m = re.fullmatch(r"\(([A-Ea-e])\)|([A-E])", s)  # multiple choice
     if m:
         return (m.group(1) or m.group(2)).upper()
@@ -278,6 +287,11 @@ def _number(s: str):
     """Plain number -> (Fraction, inexact) or None. '-3/4' -> (Fraction(-3, 4), False); '2.50' -> (5/2, True)."""
     if re.fullmatch(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d{1,3})?", s):  # exponent <= 999: no huge ints
         return Fraction(s), bool(re.search(r"[.eE]", s))
+    m = re.fullmatch(r"(-?)(\d*)\.(\d*)\\overline\{?(\d+)\}?", s)  # 0.1\overline{6} = 1/6
+    if m:
+        head, rep = m.group(2) + m.group(3), m.group(4)
+        value = (Fraction(int(head + rep) - int(head or "0"), (10 ** len(rep) - 1) * 10 ** len(m.group(3))))
+        return (-value if m.group(1) else value), False
     m = re.fullmatch(r"(-?)(?:\\frac\{(-?\d+)\}\{(-?\d+)\}|(-?\d+)/(-?\d+)|\\frac(\d)(\d))", s)
     if m and int(m.group(3) or m.group(5) or m.group(7)) != 0:
         value = Fraction(int(m.group(2) or m.group(4) or m.group(6)), int(m.group(3) or m.group(5) or m.group(7)))
@@ -567,8 +581,11 @@ def _encloses(s: str, i: int) -> bool:
 def _approx(parts: list[str], depth: int):
     """'A \\approx B': B, and also A when B is A rounded or truncated to B's decimals ('x \\approx 3.14' -> 3.14)."""
     import sympy as sp
-    if _NAME.fullmatch(parts[0]):
+    parts = [p for p in parts if p]
+    if parts and _NAME.fullmatch(parts[0]):
         parts = parts[1:]
+    if not parts:
+        raise _Refuse("nothing is approximated")
     approx = _parse(parts[-1], depth + 1)
     if len(parts) == 1:
         return approx
@@ -578,7 +595,7 @@ def _approx(parts: list[str], depth: int):
     places = len(parts[-1].split(".")[1]) if re.fullmatch(r"-?\d*\.\d+", parts[-1]) else 0
     _check_magnitudes(exact, {})
     diff = sp.N(exact - approx, 30)
-    return ("approx", "", (exact, approx)) if diff.is_real and abs(diff) <= sp.Rational(1, 10 ** places) else approx
+    return ("approx", "", (exact, approx)) if diff.is_real and abs(diff) < sp.Rational(1, 10 ** places) else approx
 
 
 # Relations. A linear inequality in one variable becomes ('in', var, interval or union); an interval is
