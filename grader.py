@@ -160,12 +160,11 @@ def extract_answer(text: str) -> str | None:
         if tail.strip(" .,;"):
             return tail.strip(" .,;")
     last = None
-    for last in _MATH.finditer(text[-5000:]):  # the last math span, when nothing else marks the answer
-        pass
-    if last:
-        span = next(g for g in last.groups() if g).strip(" .,;")
-        return span or None
-    return None
+    for m in _MATH.finditer(text[-5000:]):  # the last math span, when nothing else marks the answer
+        span = next(g for g in m.groups() if g).strip(" .,;")
+        if span and not re.search(r"[a-zA-Z]{3,}", re.sub(r"\\[a-zA-Z]+(\{[^{}]*\})?", "", span)):
+            last = span  # words between two '$' are prose between prices ('$5 and $6'), not math
+    return last
 
 
 # ---- normalisation ------------------------------------------------------------------------------------------
@@ -714,6 +713,8 @@ def _same(a, b, inexact: bool) -> bool:
     if (ka is None) != (kb is None):  # a one-element set equals its element: {5} == 5
         a, b = one(a), one(b)
         ka, kb = _kind(a), _kind(b)
+    if {ka, kb} == {None, "eq"}:
+        return _solves(a if ka == "eq" else b, b if ka == "eq" else a)
     if (ka is None) != (kb is None):
         return False
     if ka is None:
@@ -735,6 +736,18 @@ def _same(a, b, inexact: bool) -> bool:
             rest.pop(j)
         return True
     return all(_same(x, y, inexact) for x, y in zip(a[2], b[2]))
+
+
+def _solves(eq, value) -> bool:
+    """'y = 2x+3' was reduced to its value 2x+3; does the equation '2x - y + 3 = 0' say the same? Yes when it is
+    linear in the one variable the value lacks, and substituting the value makes it vanish identically."""
+    import sympy as sp
+    e, missing = eq[2][0], eq[2][0].free_symbols - value.free_symbols
+    if len(missing) != 1:
+        return False
+    v = missing.pop()
+    c = e.diff(v)
+    return bool(c.is_number and c != 0 and not (e - c * v).has(v) and sp.simplify(e.subs(v, value)) == 0)
 
 
 def _maybe_point(x) -> bool:

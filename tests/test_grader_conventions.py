@@ -68,7 +68,9 @@ CASES = {
         ("\\angle ABC = 30^\\circ", "30", T), ("\\theta = \\frac{\\pi}{4}", "\\frac{\\pi}{4}", T),
         ("x=1, y=2, z=3", "(1, 2, 3)", T), ("x=1, y=2, z=3", "(1, 3, 2)", F), ("x = 1, x = 2", "1, 2", T),
         ("x = 1, x = 2", "2, 1", T), ("x = 1, 2", "1, 2", T), ("a = 2, b = -3", "b = -3, a = 2", T),
-        ("x+y=1", "y = 1 - x", F), ("y = 2x + 3", "2x + 3", T), ("y = 2x + 3", "2x + 4", F),
+        ("x+y=1", "y = 1 - x", T), ("x+y=1", "y = 1 + x", F), ("y = 2x + 3", "2x + 3", T), ("y = 2x + 3", "2x + 4", F),
+        ("y = 2x + 3", "2x - y + 3 = 0", T), ("y = 2x + 3", "2x - y + 4 = 0", F), ("x = 5", "x - 5 = 0", T),
+        ("y = x^2", "y^2 - x^2 = 0", F),
     ],
     "sets": [
         ("1, 2, 3", "\\{1,2,3\\}", T), ("\\{1,2,3\\}", "\\{3,1,2\\}", T), ("\\{1,2,3\\}", "\\{1,2\\}", F),
@@ -168,7 +170,8 @@ COMPLETIONS = [
     ("$d = \\boxed{15\\frac{39}{40}},$ or $\\boxed{\\frac{639}{40}}$ inches.", "\\frac{639}{40}", T),
     ("We get \\boxed{7}. Later we check 8 and find \\boxed{9}.", "7", F),
     ("The answer is \\boxed{\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}}.", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", T),
-    ("no math here at all", "5", F),
+    ("no math here at all", "5", F), ("She pays $5 and $6, so $11 in all.", "11", F),
+    ("She pays $5 and $6, so $11 in all. The answer is 11.", "11", T),
 ]
 
 
@@ -186,7 +189,7 @@ def test_final_answer_conventions(completion, gold, expected):
     ("So $k = \\boxed{45}$, $n = \\boxed{2}$.", "k=45, n=2"),
     ("\\boxed{1}, \\boxed{2}", "1, 2"),
     ("\\boxed{1}. Much later, after a long argument, \\boxed{2}", "2"),
-    ("nothing marked", None),
+    ("nothing marked", None), ("prices: $5 and $6", None),
 ])
 def test_extraction_without_box(text, answer):
     assert grader.extract_answer(text) == answer
