@@ -895,6 +895,8 @@ def judge(gold, pred) -> Verdict:
             ys = [y[0]] + [y[0] / 100] * bool(pct.search(pred))
             ok = any(_close(u, v, x[1] or y[1]) for u in xs for v in ys)
             return Verdict(ok, gold, pred, "same number" if ok else "different numbers")
+        if re.fullmatch(r"[a-z]{3,}", g) or re.fullmatch(r"[a-z]{3,}", p):  # words ('east') compare as words
+            return Verdict(False, gold, pred, "different words")
         _sympy_ready()
         try:
             ok = _bounded(_symbolic, g, p)
