@@ -1,9 +1,9 @@
-"""Math answers: extraction from model output, safe equivalence, dataset loaders and the math prompt.
+r"""Math answers: extraction from model output, safe equivalence, dataset loaders and the math prompt.
 
     >>> grade("3 + 15 = 18, so the total is \\boxed{18}.", "18")
     True
-    >>> judge("\\frac{\\sqrt2}{2}", "\\frac{1}{\\sqrt2}")
-    Verdict(correct=True, gold='\\\\frac{\\\\sqrt2}{2}', pred='\\\\frac{1}{\\\\sqrt2}', reason='same value', timed_out=False)
+    >>> judge("x \\geq 5", "[5, \\infty)")
+    Verdict(correct=True, gold='x \\\\geq 5', pred='[5, \\\\infty)', reason='same value', timed_out=False)
 
 Command line: `python -m grader FILE.jsonl [--out OUT.jsonl]` grades (gold, prediction[, expected]) records.
 """
@@ -175,7 +175,7 @@ _UNICODE = str.maketrans({"−": "-", "×": "*", "·": "*", "⋅": "*", "÷": "/
                           "¥": " ", "₹": " ", "\u2009": " ", "\u00a0": " "})
 _TEXT = r"\\(?:text|textbf|textrm|textit|textnormal|mbox|mathrm|mathbf|operatorname)\s*"
 _REL_SPELLINGS = [(r"\\geq?(?:slant)?(?![a-zA-Z])|>=", r"\\ge "), (r"\\leq?(?:slant)?(?![a-zA-Z])|<=", r"\\le "),
-                  (r"\\neq?(?![a-zA-Z])|!=|=/=", r"\\ne "), (r"\\(?:approx|simeq|thickapprox)(?![a-zA-Z])", r"\\approx "),
+                  (r"\\neq?(?![a-zA-Z])|!=", r"\\ne "), (r"\\(?:approx|simeq)(?![a-zA-Z])", r"\\approx "),
                   (r"\\lt(?![a-zA-Z])", "<"), (r"\\gt(?![a-zA-Z])", ">")]
 _UNIT = r"(?:cm|mm|km|m|kg|mg|g|ml|mL|L|s|sec|min|h|hr|hrs|ft|yd|mi|mph|lb|lbs|oz)(?![a-zA-Z])"
 _RELATION = re.compile(r"<|>|\\le(?![a-zA-Z])|\\ge(?![a-zA-Z])|\\ne(?![a-zA-Z])")
@@ -206,8 +206,6 @@ def _norm(s: str) -> str:
         s = re.sub(pattern, repl, s)
     s = re.sub(r"\\langle(?![a-z])", "(", re.sub(r"\\rangle(?![a-z])", ")", s))  # vectors <1, 2> are tuples
     s = re.sub(r"\\varnothing|\\emptyset|\\\{\s*\\\}|\\O(?![a-zA-Z])", r"\\emptyset", s)
-    m = re.fullmatch(r"\s*\\boxed\s*\{(.*)\}\s*", s)  # an answer given as '\boxed{4}'
-    s = m.group(1) if m else s
     s = re.sub(r"\\(?:mathbb\{R\}|R)(?![a-zA-Z])|\\text\{\s*all real numbers\s*\}", r"(-\\infty,\\infty)", s)
     s = re.sub(r"\\?[%$]|(?<!\\)\\[ ,;:]|~|\\q?quad", " ", s).strip()
     s = re.sub(_TEXT + r"\{\s*(and|or)\s*\}", r" \1 ", s)  # '3 \text{ and } 5', 'x<1 \text{ or } x>2'
@@ -879,7 +877,7 @@ def judge(gold, pred) -> Verdict:
         if len(gold) > MAX_ANSWER_CHARS or len(pred) > MAX_ANSWER_CHARS:
             ok = gold.strip() == pred.strip()
             return Verdict(ok, gold, pred, f"longer than {MAX_ANSWER_CHARS} chars: compared as strings")
-        g, p = _norm(gold), _norm(pred)
+        g, p = (_norm(_final_boxes(x) or x if "\\boxed" in x else x) for x in (gold, pred))  # '\boxed{1}, \boxed{2}'
         if not g:
             return Verdict(False, gold, pred, "empty gold answer")
         if g == p:
