@@ -3,7 +3,7 @@ r"""Math answers: extraction from model output, safe equivalence, dataset loader
     >>> grade("3 + 15 = 18, so the total is \\boxed{18}.", "18")
     True
     >>> judge("x \\geq 5", "[5, \\infty)")
-    Verdict(correct=True, gold='x \\\\geq 5', pred='[5, \\\\infty)', reason='same value', timed_out=False)
+    Verdict(correct=True, gold='x \\geq 5', pred='[5, \\infty)', reason='same value', timed_out=False)
 
 Command line: `python -m grader FILE.jsonl [--out OUT.jsonl]` grades (gold, prediction[, expected]) records.
 """
