@@ -183,6 +183,7 @@ _VAR = r"(?:[a-zA-Z]|\\(?:alpha|beta|gamma|delta|epsilon|theta|lambda|mu|phi|psi
 # Left-hand sides that only name the answer: x, a_1, f(x), f^{-1}(x), (p,q), V_1:V_2, AB, \angle ABC.
 _NAME = re.compile(rf"{_VAR}(?:\^\{{?-1\}}?)?(?:\([a-zA-Z](?:,[a-zA-Z])*\))?|\({_VAR}(?:,{_VAR})+\)|{_VAR}(?::{_VAR})+"
                    r"|[A-Z]{2,3}|m?\\angle ?[A-Z]{1,3}")
+_TUPLE_NAME = re.compile(rf"\(({_VAR}(?:,{_VAR})+)\)")
 
 
 _NUMBER_WORDS = {w: i for i, w in enumerate(
@@ -240,6 +241,8 @@ def _rhs(s: str) -> str | None:
     if len(parts) < 2 or not all(p.strip() for p in parts):
         return None
     lhs = parts[0]
+    if len(parts) == 2 and _TUPLE_NAME.fullmatch(lhs) and parts[1][:1] in "([":
+        return None  # '(p,q)=(3,2)' keeps its names: _parse makes it named values
     if len(parts) > 2 or _NAME.fullmatch(lhs) or not re.search(r"[a-zA-Z]", re.sub(r"\\[a-zA-Z]+", "", lhs)):
         return parts[-1]
     return None
@@ -516,6 +519,12 @@ def _parse(s: str, depth: int = 0):
     m = _IN.fullmatch(s)
     if m:
         return ("in", m.group(1), (_parse(m.group(2), depth + 1),))
+    m = re.fullmatch(rf"\\\{{({_VAR})[|:](.+)\\\}}", s)  # set-builder: \{x | x > 3\}
+    if m:
+        cond = _parse(m.group(2), depth + 1)
+        if _kind(cond) == "in" and cond[1] == m.group(1):
+            return cond
+        raise _Refuse("set-builder condition is not a solution set of its variable")
     if "\\lor" in s or "\\land" in s:  # only written by _norm between relations
         return _combine([_combine(sub(_split(p, "\\land")), "and") for p in _split(s, "\\lor")], "or")
     commas = _split(s, ",")
@@ -539,6 +548,11 @@ def _parse(s: str, depth: int = 0):
         return ("set", "", items)
     if "=" in s:
         parts = _split(s, "=")
+        m = _TUPLE_NAME.fullmatch(parts[0])
+        if m and len(parts) == 2 and _kind(value := _parse(parts[1], depth + 1)) == "seq":  # (p,q) = (3,2)
+            names = tuple(m.group(1).split(","))
+            if len(names) == len(value[2]) == len(set(names)):
+                return ("named", names, value[2])
         if _rhs(s):
             return _parse(_rhs(s), depth + 1)
         if len(parts) != 2:
