@@ -199,7 +199,7 @@ def _norm(s: str) -> str:
     'x >= 5' -> 'x\\ge5';  'x = 5+5+1 = 11' -> '11';  '3,5,250' -> '3,5,250';  '10,455' -> '10455'"""
     if _PLAIN.fullmatch(s):  # most GSM8K answers: nothing to do
         return s
-    s = re.sub(r"[\x00-\x1f\x7f]", " ", s).translate(_UNICODE).strip()
+    s = re.sub(r"[\x00-\x1f\x7f]", " ", s).translate(_UNICODE).strip().rstrip(",;")
     s = re.sub(r"\\!\s*|\\left(?![a-z])|\\right(?![a-z])|\\[bB]igg?[lr]?(?![a-z])|\\displaystyle|\\hline", "", s)
     s = re.sub(r"\\[dtc]frac", r"\\frac", s).replace("{,}", ",").replace("\\colon", ":").replace("\\mid", "|")
     s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?|°|\\circ|\\degree|\\euro|\\pounds|\\textdollar|\\textsterling", "", s)
@@ -932,8 +932,17 @@ def is_equiv(gold, pred) -> bool:
 
 def grade_detail(completion: str, gold) -> Verdict:
     """Reward check with its evidence: the answer extracted from the completion, compared with the gold.
+    Boxes written side by side are one answer ('\\boxed{1}, \\boxed{2}' matches the gold '1, 2'); against a gold
+    that is one value, only the last box counts, as in MATH's own answers ('\\boxed{12}, \\boxed{18}' matches
+    '18'): boxing several guesses never gains anything.
     grade_detail('so \\boxed{18}.', '18') -> Verdict(correct=True, gold='18', pred='18', reason='same string', ..)"""
-    return judge(gold, extract_answer(completion))
+    pred = extract_answer(completion)
+    verdict = judge(gold, pred)
+    if not verdict.correct and pred is not None and gold is not None:
+        last = _last_boxed(completion)
+        if last is not None and last != pred and len(_split(_norm(str(gold)), ",")) == 1 and "\\pm" not in str(gold):
+            return judge(gold, last)
+    return verdict
 
 
 def grade(completion: str, gold) -> bool:
@@ -1024,11 +1033,6 @@ def math_prompt(question: str) -> str:
 
 # ---- command line: python -m grader FILE.jsonl -------------------------------------------------------------------
 
-def _answer_of(text: str) -> str:
-    """A prediction field: its marked final answer (\\boxed, '####', 'answer is', $..$), else the text itself."""
-    return extract_answer(text) or text
-
-
 def _expected(value, where: str):
     if value is None or isinstance(value, bool):
         return value
@@ -1047,17 +1051,15 @@ def grade_file(path) -> list[dict]:
     for n, rec in _records(path):
         where = f"{path}:{n}"
         gold = _field(rec, where, "gold", "answer")
-        if "completion" in rec:
-            text, pred = _field(rec, where, "completion"), None
-        else:
-            text = _field(rec, where, "prediction", "pred", "completion")
-            pred = _answer_of(text)
-        rows.append((n, rec, gold, text, pred, _expected(rec.get("expected"), where)))
+        text = _field(rec, where, "completion" if "completion" in rec else "prediction", "pred")
+        rows.append((n, rec, gold, text, _expected(rec.get("expected"), where)))
     if not rows:
         raise ValueError(f"{path}: no records")
     out = []
-    for n, rec, gold, text, pred, expected in rows:
-        v = judge(gold, pred) if pred is not None else grade_detail(text, gold)
+    for n, rec, gold, text, expected in rows:
+        # a completion's answer is extracted; a prediction is an answer, unless it marks one (\boxed, 'answer is')
+        bare = "completion" not in rec and extract_answer(text) is None
+        v = judge(gold, text) if bare else grade_detail(text, gold)
         row = {"line": n, "gold": gold, "extracted": v.pred, "correct": v.correct, "reason": v.reason,
                "timed_out": v.timed_out}
         if expected is not None:

@@ -176,7 +176,10 @@ COMPLETIONS = [
     ("So $k = \\boxed{45}$ and $n = \\boxed{2}$.", "k = 45, n = 2", T),
     ("So $k = \\boxed{45}$ and $n = \\boxed{2}$.", "k = 2, n = 45", F),
     ("The solutions are $\\boxed{1}$, $\\boxed{2}$ and $\\boxed{3}$.", "1, 2, 3", T),
-    ("The solutions are $\\boxed{1}$, $\\boxed{2}$ and $\\boxed{3}$.", "3", F),
+    ("The solutions are $\\boxed{1}$, $\\boxed{2}$ and $\\boxed{3}$.", "3", T),  # one-value gold: the last box
+    ("The solutions are $\\boxed{1}$, $\\boxed{2}$ and $\\boxed{3}$.", "1", F),
+    ("The solutions are $\\boxed{1}$, $\\boxed{2}$ and $\\boxed{3}$.", "1, 3", F),
+    ("The solutions are $\\boxed{1}$, $\\boxed{2}$ and $\\boxed{3}$.", "\\pm 3", F),
     ("The solutions are $\\boxed{1, 2, 3}$.", "\\{3, 2, 1\\}", T),
     ("Either $x = \\boxed{-1}$ or $x = \\boxed{4}$.", "4, -1", T),
     ("$d = \\boxed{15\\frac{39}{40}},$ or $\\boxed{\\frac{639}{40}}$ inches.", "\\frac{639}{40}", T),
@@ -390,3 +393,14 @@ def test_throughput_on_dataset_answers():
         dt = time.perf_counter() - t
         print(f"\n{name}: {len(pairs)} gradings in {dt:.2f} s = {len(pairs) / dt:.0f}/s ({right} correct)")
         assert right >= len(golds) * 2 - 1 and dt < 60
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason=f"{DATA} not present")
+def test_math_train_gold_agrees_with_solution():
+    """MATH's answer is its solution's last \\boxed{}; solutions that box two values side by side ('\\boxed{12},
+    \\boxed{18}') still grade as their own answer, and every other solution too."""
+    with pytest.warns(UserWarning):  # 2 empty \boxed{} upstream
+        recs = grader.load_math(DATA / "math" / "train.jsonl")
+    bad = [r["id"] for r in recs if not grader.grade(r["solution"], r["answer"])]
+    print(f"\nMATH train agreement: {len(recs) - len(bad)}/{len(recs)}")
+    assert len(recs) == 7498 and not bad
