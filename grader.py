@@ -44,8 +44,9 @@ from typing import NamedTuple
 #   holds for numbers, set items, tuple and matrix entries, interval ends and expressions.
 # - Numbers: a comma followed by exactly three digits is a thousands separator when every group of the number
 #   has three digits ('1,000' and '10,455' are numbers, '3,5,250' and '1,2,100' are lists of numbers; inside
-#   brackets commas always separate items). A lone comma followed by another count of digits is a decimal
-#   comma when the other answer is a single number ('1000,99' == '1000.99'), else it separates items.
+#   brackets commas always separate items). In a prediction, a lone comma with no space after it and followed by
+#   another count of digits is a decimal comma when the gold is a single number ('1000,99' == '1000.99');
+#   everywhere else it separates items (a gold '3,5' is a list and does not match '3.5').
 #   Currency (\\$, €, £, 'dollars'), percent signs, degrees and units after a number ('5 cm', '12 m²') are
 #   dropped; '25\\%' also equals 0.25.
 # - Final answers: 'x = 5', 'f(x) = 5', '(p,q) = (3,2)', 'V_1:V_2 = 11:21' give their right-hand side; a chain
@@ -897,10 +898,8 @@ def judge(gold, pred) -> Verdict:
         if g == p:
             return Verdict(True, gold, pred, "same string")
         x, y = _number(g), _number(p)
-        if x and not y:
+        if x and not y and not re.search(r",\s", pred):  # '1000,99' in a prediction; a gold's '3,5' is a list
             y = _decimal_comma(p)
-        if y and not x:
-            x = _decimal_comma(g)
         if x and y:  # '25%' also matches 0.25
             pct = re.compile(r"%|(?i:percent)")
             xs = [x[0]] + [x[0] / 100] * bool(pct.search(gold))

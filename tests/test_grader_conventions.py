@@ -21,7 +21,7 @@ import grader  # noqa: E402
 T, F = True, False
 
 # (gold, prediction, expected). Every case is also checked with gold and prediction swapped, except those in
-# ONE_WAY (the documented asymmetric rule: a bare gold that could be a point).
+# ONE_WAY (the two documented asymmetric rules: a bare gold that could be a point; decimal commas).
 CASES = {
     "relations": [
         ("x \\geq 5", "x >= 5", T), ("x \\ge 5", "x\\geq5", T), ("5 \\leq x", "x \\geq 5", T),
@@ -118,8 +118,9 @@ CASES = {
     "numbers": [
         ("3, 5, 250", "3,5,250", T), ("3,5,250", "250, 5, 3", T), ("3,5,250", "35250", F), ("3,5,250", "3,5250", F),
         ("1,2,100", "100,2,1", T), ("1,000", "1000", T), ("10,455", "10455", T), ("1,234,567", "1234567", T),
-        ("1,000", "1, 000", F), ("1,000,000", "10^6", T), ("12,345.5", "12345.5", T), ("1000,99", "1000.99", T),
-        ("1000,99", "100099", F), ("0,5", "\\frac12", T), ("3,5", "3.5", T), ("3,5", "35", F), ("2,500", "2.5", F),
+        ("1,000", "1, 000", F), ("1,000,000", "10^6", T), ("12,345.5", "12345.5", T), ("1000.99", "1000,99", T),
+        ("1000,99", "100099", F), ("\\frac12", "0,5", T), ("3.5", "3,5", T), ("3,5", "3.5", F),
+        ("0.1", "0, 1", F), ("0, 1", "0.1", F), ("3,5", "35", F), ("2,500", "2.5", F),
         ("25\\%", "25", T), ("25\\%", "0.25", T), ("25 percent", "0.25", T), ("25\\%", "2.5", F),
         ("12.5\\%", "0.125", T),
         ("\\$18", "18 dollars", T), ("18", "\\$18.00", T), ("€18", "18", T), ("18 €", "18", T), ("£5", "5", T),
@@ -147,7 +148,9 @@ CASES = {
     ],
 }
 ONE_WAY = {("-2 < x < 5", "(-2, 5)"), ("x > 1 \\text{ and } x < 5", "(1,5)"), ("(3, 4)", "3 < x < 4"),
-           ("(3, 4)", "x \\in (3, 4)"), ("3 < x < 4", "(3, 4)"), ("x \\in (3, 4)", "(3, 4)")}
+           ("(3, 4)", "x \\in (3, 4)"), ("3 < x < 4", "(3, 4)"), ("x \\in (3, 4)", "(3, 4)"),
+           # one way only: a decimal comma is read in predictions, never in a gold answer
+           ("1000.99", "1000,99"), ("\\frac12", "0,5"), ("3.5", "3,5"), ("3,5", "3.5")}
 ALL = [(cat, g, p, e) for cat, rows in CASES.items() for g, p, e in rows]
 
 
