@@ -139,6 +139,8 @@ def _final_boxes(text: str) -> str | None:
 
 
 # display or inline math: $$..$$, \[..\], \(..\), $..$
+_ANSWER_SPANS = re.compile(r"\$+([^$]+)\$+|\\\((.+?)\\\)|\\\[(.+?)\\\]")
+_SPAN_GAP = re.compile(r"[\s,;]*(?:and|or)?[\s,;]*")
 _MATH = re.compile(r"\$\$(.+?)\$\$|\\\[(.+?)\\\]|\\\((.+?)\\\)|\$([^$]+)\$", re.S)
 
 
@@ -154,10 +156,18 @@ def extract_answer(text: str) -> str | None:
     i = text.rfind("####")
     if i >= 0 and text[i + 4:].split("\n", 1)[0].strip():
         return text[i + 4:].split("\n", 1)[0].strip()
-    for m in reversed(list(re.finditer(r"(?i)\banswer(?:\s+is\b|\s*:)[\s:*]*", text))[-5:]):
+    for m in reversed(list(re.finditer(r"(?i)\banswers?(?:\s+(?:is|are)\b|\s*:)[\s:*]*", text))[-5:]):
         tail = text[m.end():m.end() + 500].split("\n", 1)[0].strip(" *")
-        math = re.match(r"\$+([^$]+)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", tail)  # $x$, \(x\), \[x\]
-        tail = next(g for g in math.groups() if g) if math else re.split(r"\.(?:\s|$)", tail)[0]
+        spans = list(_ANSWER_SPANS.finditer(tail))  # '$x = 3$ or $x = -3$' -> 'x = 3, x = -3'
+        if spans and spans[0].start() == 0:
+            run = [spans[0]]
+            for a, b in zip(spans, spans[1:]):
+                if not _SPAN_GAP.fullmatch(tail, a.end(), b.start()):
+                    break
+                run.append(b)
+            tail = ", ".join(next(g for g in span.groups() if g) for span in run)
+        else:
+            tail = re.split(r"\.(?:\s|$)", tail)[0]
         if tail.strip(" .,;"):
             return tail.strip(" .,;")
     last = None
@@ -173,7 +183,8 @@ def extract_answer(text: str) -> str | None:
 _UNICODE = str.maketrans({"−": "-", "×": "*", "·": "*", "⋅": "*", "÷": "/", "π": "\\pi ", "∞": "\\infty ",
                           "√": "\\sqrt ", "≤": "\\le ", "≥": "\\ge ", "≠": "\\ne ", "≈": "\\approx ",
                           "∈": "\\in ", "∪": "\\cup ", "±": "\\pm ", "²": "^2", "³": "^3", "€": " ", "£": " ",
-                          "¥": " ", "₹": " ", "\u2009": " ", "\u00a0": " "})
+                          "¥": " ", "₹": " ", "½": "\\frac12", "⅓": "\\frac13",
+                          "⅔": "\\frac23", "¼": "\\frac14", "¾": "\\frac34", "\u2009": " ", "\u00a0": " "})
 _TEXT = r"\\(?:text|textbf|textrm|textit|textnormal|mbox|mathrm|mathbf|operatorname)\s*"
 _REL_SPELLINGS = [(r"\\geq?(?:slant)?(?![a-zA-Z])|>=", r"\\ge "), (r"\\leq?(?:slant)?(?![a-zA-Z])|<=", r"\\le "),
                   (r"\\neq?(?![a-zA-Z])|!=", r"\\ne "), (r"\\(?:approx|simeq)(?![a-zA-Z])", r"\\approx "),
@@ -220,6 +231,7 @@ def _norm(s: str) -> str:
     joiner = " \\lor " if _RELATION.search(s) else ","  # 'x<1 or x>2' is a union; '3 and 5' a list
     s = re.sub(r"\s+or\s+|\\lor(?![a-z])|\\vee(?![a-z])", lambda m: joiner, s)
     s = re.sub(r"\s+and\s+|\\land(?![a-z])|\\wedge(?![a-z])", lambda m: " \\land " if joiner != "," else ",", s)
+    s = re.sub(r",\s*,", ",", s)  # '1, 2, and 3'
     s = re.sub(r"(?<![_^]\d)(?<=\d)\s+(?=\d)", ",", s)  # '3 5' -> '3,5' (not 35); '1 000' -> '1,000' -> 1000
     if not re.search(r"[(\[]|\\\{", s):  # thousands separators: every group after the first has 3 digits
         s = re.sub(r"(?<![\d.,])\d{1,3}(?:,\d{3})+(?!\d|,\d)", lambda m: m.group().replace(",", ""), s)
@@ -239,9 +251,11 @@ def _rhs(s: str) -> str | None:
     """The value an equation states, or None: 'x=5' -> '5';  'x=5+5+1=11' -> '11' (a chain gives its last side);
     '(p,q)=(3,2)' -> '(3,2)';  '5+5+1=11' -> '11';  'x+y=1' -> None (an equation, not a value)."""
     parts = _split(s, "=")
-    if len(parts) < 2 or not all(p.strip() for p in parts):
+    if len(parts) < 2 or not all(p.strip() for p in parts[1:]):
         return None
     lhs = parts[0]
+    if not lhs.strip():  # the name was text and is gone: '\mathbf{v} = ..' -> '= ..'
+        return parts[-1]
     if len(parts) == 2 and _TUPLE_NAME.fullmatch(lhs) and parts[1][:1] in "([":
         return None  # '(p,q)=(3,2)' keeps its names: _parse makes it named values
     if len(parts) > 2 or _NAME.fullmatch(lhs) or not re.search(r"[a-zA-Z]", re.sub(r"\\[a-zA-Z]+", "", lhs)):
@@ -718,10 +732,16 @@ def _same(a, b, inexact: bool) -> bool:
         return all(_same(x, y, inexact) for x, y in zip(a[2], b[2]))
     if ka == "ratio" or kb == "ratio":
         return _same_ratio(a, b, inexact)
-    if {ka, kb} == {"mat", "seq"}:  # a column vector equals the tuple of its entries
+    if {ka, kb} == {"mat", "seq"}:  # a column vector equals the tuple of its entries; [[1,2],[3,4]] a matrix
         mat, seq = (a, b) if ka == "mat" else (b, a)
-        return (mat[1] == f"{len(seq[2])}x1" and seq[1] == "()" and
-                all(_same(x, y, inexact) for x, y in zip(a[2], b[2])))
+        rows = seq[2]
+        if seq[1] == "[]" and all(_kind(r) == "seq" and r[1] == "[]" and len(r[2]) == len(rows[0][2]) for r in rows):
+            shape, entries = f"{len(rows)}x{len(rows[0][2])}", tuple(x for r in rows for x in r[2])
+        elif seq[1] == "()":
+            shape, entries = f"{len(rows)}x1", rows
+        else:
+            return False
+        return mat[1] == shape and all(_same(x, y, inexact) for x, y in zip(mat[2], entries))
     one = lambda v: v[2][0] if _kind(v) == "set" and len(v[2]) == 1 else v  # noqa: E731
     if (ka is None) != (kb is None):  # a one-element set equals its element: {5} == 5
         a, b = one(a), one(b)

@@ -114,6 +114,9 @@ CASES = {
         ("\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\\\ \\end{pmatrix}", "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", T),
         ("\\begin{pmatrix} x & 1 \\\\ 0 & x \\end{pmatrix}", "\\begin{pmatrix} x & 1 \\\\ 0 & 2x/2 \\end{pmatrix}", T),
         ("\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}", "\\begin{vmatrix} 1 & 2 \\\\ 3 & 4 \\end{vmatrix}", F),
+        ("\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}", "[[1, 2], [3, 4]]", T),
+        ("\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}", "[[1, 3], [2, 4]]", F),
+        ("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "\\mathbf{v} = \\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", T),
     ],
     "numbers": [
         ("3, 5, 250", "3,5,250", T), ("3,5,250", "250, 5, 3", T), ("3,5,250", "35250", F), ("3,5,250", "3,5250", F),
@@ -132,6 +135,7 @@ CASES = {
         ("\\frac{4}{11}", "0.\\overline{36}", T),
         ("\\frac{4}{11}", "0.\\overline{37}", F), ("\\frac16", "0.1\\overline{6}", T), ("6", "six", T),
         ("6", "seven", F),
+        ("\\frac12", "½", T), ("2\\frac12", "2½", T), ("2.5", "2½", T), ("2", "2½", F), ("1, 2, 3", "1, 2, and 3", T),
         ("4", "\\boxed{4}", T), ("4", "\\boxed{4}, \\boxed{5}", F), ("4, 5", "\\boxed{4}, \\boxed{5}", T),
     ],
     "rounding": [
@@ -188,6 +192,7 @@ COMPLETIONS = [
     ("$d = \\boxed{15\\frac{39}{40}},$ or $\\boxed{\\frac{639}{40}}$ inches.", "\\frac{639}{40}", T),
     ("We get \\boxed{7}. Later we check 8 and find \\boxed{9}.", "7", F),
     ("The answer is \\boxed{\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}}.", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", T),
+    ("The answer is $x=3$ or $x=-3$.", "\\pm 3", T), ("The answer is $x=3$ or $x=-3$.", "3", F),
     ("no math here at all", "5", F), ("She pays $5 and $6, so $11 in all.", "11", F),
     ("She pays $5 and $6, so $11 in all. The answer is 11.", "11", T),
 ]
@@ -207,7 +212,8 @@ def test_final_answer_conventions(completion, gold, expected):
     ("So $k = \\boxed{45}$, $n = \\boxed{2}$.", "k=45, n=2"),
     ("\\boxed{1}, \\boxed{2}", "1, 2"),
     ("\\boxed{1}. Much later, after a long argument, \\boxed{2}", "2"),
-    ("nothing marked", None), ("prices: $5 and $6", None),
+    ("The answer is $x=3$ or $x=-3$.", "x=3, x=-3"), ("The answers are $3$ and $5$.", "3, 5"),
+    ("The answer is $5$ because $6$ is too big.", "5"), ("nothing marked", None), ("prices: $5 and $6", None),
 ])
 def test_extraction_without_box(text, answer):
     assert grader.extract_answer(text) == answer
