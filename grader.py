@@ -300,6 +300,8 @@ def _split_relations(s: str) -> tuple[list[str], list[str]]:
 
 def _number(s: str):
     """Plain number -> (Fraction, inexact) or None. '-3/4' -> (Fraction(-3, 4), False); '2.50' -> (5/2, True)."""
+    if s.isascii() and s.isdigit() and len(s) < 4300:  # the common case (int() refuses longer strings)
+        return Fraction(int(s)), False
     if re.fullmatch(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d{1,3})?", s):  # exponent <= 999: no huge ints
         return Fraction(s), bool(re.search(r"[.eE]", s))
     m = re.fullmatch(r"(-?)(\d*)\.(\d*)\\overline\{?(\d+)\}?", s)  # 0.1\overline{6} = 1/6
@@ -818,7 +820,11 @@ def _same_expr(a, b, inexact: bool) -> bool:
         pt = {s: sp.Rational(3 + 2 * k + j, 7 + j) for k, s in enumerate(syms)}
         _check_magnitudes(a, pt), _check_magnitudes(b, pt)
         x, y = sp.N(a, 30, subs=pt), sp.N(b, 30, subs=pt)
-        if not (x.is_finite and y.is_finite and abs(x - y) <= (REL_TOL if inexact else 1e-20) * max(abs(x), abs(y))):
+        if not (x.is_finite and y.is_finite):
+            return False
+        (xr, xi), (yr, yi) = x.as_real_imag(), y.as_real_imag()  # |x - y| <= tol * max(|x|, |y|), squared
+        dr, di, tol = xr - yr, xi - yi, REL_TOL if inexact else 1e-20  # (sympy's abs and ** are slow here)
+        if dr * dr + di * di > tol * tol * max(xr * xr + xi * xi, yr * yr + yi * yi):
             return False
     return inexact or not syms or sp.simplify(a - b) == 0
 
