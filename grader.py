@@ -39,8 +39,8 @@ from typing import NamedTuple
 # Conventions (each is tested in tests/test_grader_conventions.py):
 # - Extraction: the last \\boxed{}; boxes side by side ('\\boxed{1}, \\boxed{2}', 'k = \\boxed{45}, n = \\boxed{2}')
 #   are one answer, except against a gold that is one value, where only the last box counts (MATH's own
-#   convention: boxing several guesses gains nothing). Else GSM8K's '#### N'; else 'the answer is ...' (math spans joined by 'and',
-#   'or' or commas are one answer); else the last $..$ / \\[..\\] that is not prose between prices.
+#   convention: boxing several guesses gains nothing). Else GSM8K's '#### N'; else 'the answer is ...' (math
+#   spans joined by 'and', 'or' or commas are one answer); else the last $..$ / \\[..\\] that is not prose.
 # - Rounding: exact values compare exactly (integers, fractions, finite decimals: 1000000.5 != 1000000).
 #   A decimal meets a value without a finite decimal expansion (1/3, sqrt 2, pi) only within a relative
 #   REL_TOL = 1e-6, i.e. about 7 significant digits: 0.3333333 == 1/3, but 0.333 != 1/3 and 3.14 != pi (a
