@@ -45,7 +45,8 @@ from typing import NamedTuple
 #   A decimal meets a value without a finite decimal expansion (1/3, sqrt 2, pi) only within a relative
 #   REL_TOL = 1e-6, i.e. about 7 significant digits: 0.3333333 == 1/3, but 0.333 != 1/3 and 3.14 != pi (a
 #   rounding to a few places is a different answer, unless the gold itself is that decimal). The same rule
-#   holds for numbers, set items, tuple and matrix entries, interval ends and expressions.
+#   holds for numbers, set items, tuple and matrix entries, interval ends and expressions (0.5x == x/2,
+#   0.5x != 0.5000001x, 0.3333333x == x/3).
 # - Numbers: a comma followed by exactly three digits is a thousands separator when every group of the number
 #   has three digits ('1,000' and '10,455' are numbers, '3,5,250' and '1,2,100' are lists of numbers; inside
 #   brackets commas always separate items). In a prediction, a lone comma with no space after it and followed by
@@ -820,6 +821,8 @@ def _same_expr(a, b, inexact: bool) -> bool:
     syms = sorted(a.free_symbols | b.free_symbols, key=str)
     if not syms and a.is_Rational and b.is_Rational:
         return _close(Fraction(a.p, a.q), Fraction(b.p, b.q), inexact)
+    if inexact and _finite_decimals(a) and _finite_decimals(b):  # 0.5x vs 0.5000001x: exact, as for numbers
+        inexact = False
     for j in range(3 if syms else 1):  # sympy Floats with 30 digits: no overflow at 2^2008
         pt = {s: sp.Rational(3 + 2 * k + j, 7 + j) for k, s in enumerate(syms)}
         _check_magnitudes(a, pt), _check_magnitudes(b, pt)
@@ -831,6 +834,13 @@ def _same_expr(a, b, inexact: bool) -> bool:
         if dr * dr + di * di > tol * tol * max(xr * xr + xi * xi, yr * yr + yi * yi):
             return False
     return inexact or not syms or sp.simplify(a - b) == 0
+
+
+def _finite_decimals(e) -> bool:
+    """Is every number in e a finite decimal (no 1/3, no pi, no sqrt 2, no function values)?"""
+    import sympy as sp
+    return (all(_terminates(r.q) for r in e.atoms(sp.Rational)) and not e.atoms(sp.NumberSymbol, sp.Function)
+            and all(p.exp.is_Integer for p in e.atoms(sp.Pow)))
 
 
 def _check_magnitudes(e, pt: dict) -> None:
