@@ -3,7 +3,6 @@
 rounding, with cases that must NOT match (so a policy cannot be rewarded for them). Also: the deadline in
 worker threads and under a caller's interval timer, and the `python -m grader` command. CPU only, seconds."""
 import json
-import os
 import signal
 import subprocess
 import sys
