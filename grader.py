@@ -161,7 +161,7 @@ def extract_answer(text: str) -> str | None:
     i = text.rfind("####")
     if i >= 0 and text[i + 4:].split("\n", 1)[0].strip():
         return text[i + 4:].split("\n", 1)[0].strip()
-    for m in reversed(list(re.finditer(r"(?i)\banswers?(?:\s+(?:is|are)\b|\s*:)[\s:*]*", text))[-5:]):
+    for m in reversed(list(re.finditer(r"(?i)\banswers?(?:\s+(?:is|are)\b|\**\s*:)[\s:*]*", text))[-5:]):
         tail = text[m.end():m.end() + 500].split("\n", 1)[0].strip(" *")
         spans = list(_ANSWER_SPANS.finditer(tail))  # '$x = 3$ or $x = -3$' -> 'x = 3, x = -3'
         if spans and spans[0].start() == 0:

@@ -179,7 +179,7 @@ COMPLETIONS = [
     ("First $a=1$, then the sum is $$5+5+1 = 11$$", "11", T),
     ("The area is $12\\pi$", "12\\pi", T), ("The roots are $x = \\pm 2$.", "-2, 2", T),
     ("Hence \\(x \\geq 5\\).", "[5, \\infty)", T), ("Hence \\(x \\geq 5\\).", "(5, \\infty)", F),
-    ("The answer is: 42", "42", T), ("**Answer:** 17 apples", "17", T),
+    ("The answer is: 42", "42", T), ("**Answer**: $\\frac{3}{4}$", "0.75", T), ("**Answer:** $-2$", "2", F), ("**Answer:** 17 apples", "17", T),
     ("So $k = \\boxed{45}$ and $n = \\boxed{2}$.", "k = 45, n = 2", T),
     ("So $k = \\boxed{45}$ and $n = \\boxed{2}$.", "k = 2, n = 45", F),
     ("The solutions are $\\boxed{1}$, $\\boxed{2}$ and $\\boxed{3}$.", "1, 2, 3", T),
