@@ -209,7 +209,7 @@ _NUMBER_WORDS = {w: i for i, w in enumerate(
 _PLAIN = re.compile(r"-?\d+(?:\.\d+)?")
 
 
-@lru_cache(maxsize=65536)
+@lru_cache(maxsize=16384)
 def _norm(s: str) -> str:
     """Canonical string of an answer. r'\\$1,\\!000.' -> '1000';  r'\\dfrac12' -> '\\frac12';
     r'15\\mbox{ cm}^2' -> '15';  r'\\text{(B)}' -> 'B';  'x = 5' -> '5';  r'\\left( 1, 2 \\right]' -> '(1,2]';
