@@ -227,6 +227,7 @@ def _norm(s: str) -> str:
     s = re.sub(r"\\(?:mathbb\{R\}|R)(?![a-zA-Z])|\\text\{\s*all real numbers\s*\}", r"(-\\infty,\\infty)", s)
     s = re.sub(r"\\?[%$]|(?<!\\)\\[ ,;:]|~|\\q?quad", " ", s).strip()
     s = re.sub(_TEXT + r"\{\s*(and|or)\s*\}", r" \1 ", s)  # '3 \text{ and } 5', 'x<1 \text{ or } x>2'
+    s = re.sub(r"(?<=\d)\s*(?:\^\{?)?(?:" + _TEXT + r"\{(?:st|nd|rd|th)\}|(?:st|nd|rd|th)\b)\}?", "", s)  # 5^{\text{th}}
     m = re.fullmatch(_TEXT + r"\{([^{}]*)\}", s)
     s = m.group(1).strip() if m else re.sub(_TEXT + r"\{[^{}]*\}(\^\{?[23]\}?)?", " ", s).strip()
     s = re.sub(r"(?i)\bpercent\b", " ", s).strip()
