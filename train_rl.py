@@ -31,6 +31,8 @@ prints, per step,
 As a library (the demo reuses this loop): `model = run(parser().parse_args([...]), model, tok, problems,
 held_out, reward_fn, history=[])`, problems being dicts {"prompt": formatted prompt text, "answer": gold};
 `history` collects one dict per step ({"event": "train", "step", "reward", "accuracy", ...}) and per eval.
+The plumbing shared with train_sft.py (flags, data files, checkpoints and --resume, the optimizer, logging) is in
+training.py.
 """
 from __future__ import annotations
 

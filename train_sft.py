@@ -19,6 +19,8 @@ weights, the optimizer state and the step.
 
 As a library (the demo reuses this loop): `model = run(parser().parse_args([...]), model, tok, train, held_out)`
 with train/held_out lists of (prompt_text, response_text); `history=[]` collects the logged dicts.
+The plumbing shared with train_rl.py (flags, data files, checkpoints and --resume, the optimizer, logging) is in
+training.py.
 """
 from __future__ import annotations
 

@@ -218,7 +218,10 @@ def restore(args, model: swarr.Transformer, optimizer: torch.optim.Optimizer, re
         return 0
     step = resumed_step(args.out)
     saved, _ = swarr.load(os.path.join(args.out, "model"), args.dtype, "cpu")
-    model.load_state_dict(saved.state_dict())
+    try:
+        model.load_state_dict(saved.state_dict())
+    except RuntimeError:
+        raise swarr.SwarrError(f"--resume: {args.out}/model is not a checkpoint of this model (--model)") from None
     device = next(model.parameters()).device
     state = torch.load(os.path.join(args.out, f"trainer_state-{step}.pt"), map_location=device, weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
