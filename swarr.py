@@ -28,7 +28,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch.utils import cpp_extension
 
 import grader
 
@@ -946,6 +945,7 @@ def cmd_generate(a):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="swarr.py", description=__doc__.split("\n\n")[0],
+                                epilog="The whole recipe on the embedded tiny model and task: python demo.py",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
 
@@ -1016,6 +1016,7 @@ def load_extension():
     """Build (first time) and load csrc/; returns torch.ops.swarr, or None if it cannot be built."""
     if _EXT:
         return _EXT["ops"]
+    from torch.utils import cpp_extension  # imported on first use: it brings in setuptools (~0.5 s)
     with_cuda = (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
                  and cpp_extension.CUDA_HOME is not None
                  and os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")))
