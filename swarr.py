@@ -1013,7 +1013,8 @@ def _build_name(with_cuda: bool) -> str:
 
 
 def load_extension():
-    """Build (first time) and load csrc/; returns torch.ops.swarr, or None if it cannot be built."""
+    """Build csrc/ (the first time: torch.utils.cpp_extension and ninja, into ./build/; later processes load the
+    cached library instantly) and load it; returns torch.ops.swarr, or None if it cannot be built."""
     if _EXT:
         return _EXT["ops"]
     from torch.utils import cpp_extension  # imported on first use: it brings in setuptools (~0.5 s)
