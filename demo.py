@@ -46,6 +46,7 @@ import bench
 import swarr
 import train_rl
 import train_sft
+import training
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "data"))
@@ -123,8 +124,8 @@ def task(args, tok, cfg):
     n_test = args.n_test or (100 if args.quick else 200)
     eot = train_sft.end_of_turn(tok, cfg)
     if args.data:
-        recs = train_sft.read_records(args.data)
-        train, test = train_sft.split_held_out(recs, n_test / len(recs), args.seed)
+        recs = training.read_records(args.data)
+        train, test = training.split_held_out(recs, n_test / len(recs), args.seed)
         train = train[:args.n_train]
         sft = [train_sft.sft_pair(tok, cfg, r) for r in train]
         problems = [{"prompt": swarr.record_prompt(tok, r), "answer": r["answer"]} for r in train]
