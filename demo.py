@@ -343,14 +343,16 @@ def report(res: dict) -> str:
              f"{res['device']} ({torch.get_num_threads()} threads).", ""]
     lines += row_table(res["rows"], W)
     rs = res["rejection"]
-    lines += ["", f"Budgets: RL sampled {b['rl_samples']} completions ({res['rl_steps']} steps x {RL['prompts']} prompts "
+    lines += ["", f"Budgets: RL sampled {b['rl_samples']} completions ({res['rl_steps']} steps x {RL['prompts']} "
+              f"prompts "
               f"x {RL['group']}) and trained on all of them. Rejection sampling drew {rs['drawn']} from SWA + SFT on "
               f"the same prompts at T = {RL['temperature']:g}, kept {rs['kept']} that the same reward accepts, and "
               f"fine-tuned on {b['sequences']} sequences ({b['sft_steps']} steps of {SFT['batch']}); more SFT and the "
               f"ceiling fine-tuned on as many sequences of their data.", ""]
     if "sft_traces" in res:
         st = res["sft_traces"]
-        lines += [f"SFT data: {st['restate_rate']:.2f} of the lines restate; lookback median {st['lookback']['median']} "
+        lines += [f"SFT data: {st['restate_rate']:.2f} of the lines restate; lookback median "
+                  f"{st['lookback']['median']} "
                   f"(p10 {st['lookback']['p10']}, p90 {st['lookback']['p90']}) tokens. During RL the rollouts' "
                   f"restatement rate went {res['rl_curve']['restate_rate'][0][1]:.2f} (step 1) -> "
                   f"{res['rl_curve']['restate_rate'][-1][1]:.2f} (step {res['rl_steps']}).", ""]
@@ -400,7 +402,8 @@ def svg_curve(curve: dict, hlines: dict, path: str, title: str, xlabel: str = "R
         key += 1
     for j, (label, y) in enumerate(hlines.items()):
         c = colors[(len(curve) + j) % len(colors)]
-        out.append(f'<line x1="{L}" y1="{py(y):.1f}" x2="{W - R}" y2="{py(y):.1f}" stroke="{c}" stroke-dasharray="5,4"/>')
+        out.append(f'<line x1="{L}" y1="{py(y):.1f}" x2="{W - R}" y2="{py(y):.1f}" stroke="{c}" '
+                   f'stroke-dasharray="5,4"/>')
         out.append(f'<text x="{W - R + 10}" y="{T + 16 * key + 4}" fill="{c}">{label}</text>')
         key += 1
     out.append("</svg>")
@@ -482,7 +485,8 @@ def run(args) -> dict:
     t0 = time.time()
     rl_cost = 45 if args.quick else 80
     per_window = [(SWA, 30), (SWARR, rl_cost), (MORE, 15), (REJECT, rl_cost // 2 + 15), (CEIL, 15)]
-    stages = Stages([("load", 0), (SA, 30)] + per_window * len(windows) + ([] if args.sweep else [("decode speed", 10)]))
+    stages = Stages([("load", 0), (SA, 30)] + per_window * len(windows)
+                    + ([] if args.sweep else [("decode speed", 10)]))
     stages.start("load")
     base, tok = swarr.load(args.model, torch.float32, args.device)
     if max(windows) > base.cfg.max_pos:  # checked now, not after the first stage has trained

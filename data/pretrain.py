@@ -9,7 +9,8 @@
    0.8M parameters) with swarr.Config / swarr.Transformer, all layers full attention;
 3. trains it with train_sft.run (--loss-on all: plain language modelling) on data.synth.corpus(): problems
    followed by a solution whose lines restate what is left half the time (synth.CORPUS_RATE), WITHOUT the chat
-   format -- so the model can do the arithmetic and the copying either way, and it is SFT that teaches it to answer a ChatML question. The documents
+   format -- so the model can do the arithmetic and the copying either way, and it is SFT that teaches it to
+   answer a ChatML question. The documents
    form one <|endoftext|>-separated token stream cut into 512-token texts wherever the cut falls, as LM
    pretraining usually does (texts of whole documents batched by length train far worse: train_sft batches
    similar lengths together, which makes every batch one problem size);

@@ -119,7 +119,8 @@ def test_rl_reports_a_collapse_in_the_log_and_the_history():
         return float(len(calls) <= 2 * 4 * 2 and len(calls) % 2 == 0)
 
     a = train_rl.parser().parse_args(["--out", "", "--steps", "8", "--prompts-per-step", "4", "--group-size", "2",
-                                      "--max-new-tokens", "4", "--lr", "1e-4", "--eval-every", "0", "--show-every", "0"])
+                                      "--max-new-tokens", "4", "--lr", "1e-4", "--eval-every", "0",
+                                      "--show-every", "0"])
     train_rl.run(a, model, tok, problems, [], reward, log=lines.append, history=history)
     events = [h for h in history if h.get("event") == "collapse"]
     assert len(events) == 1 and events[0]["step"] == 7 and "reward 0" in events[0]["reason"]
