@@ -11,8 +11,8 @@ import math
 import os
 import re
 import shutil
+import stat
 import sys
-import tempfile
 import time
 import unicodedata
 from dataclasses import dataclass, field
@@ -58,41 +58,121 @@ class Config:
 
     @staticmethod
     def from_hf(hf: dict, where: str = "config.json") -> "Config":
-        arch = (hf.get("architectures") or ["?"])[0]
-        if arch not in SUPPORTED:
+        """Read and check a config.json: every number that shapes the model, its RoPE and its windows.
+        A field that cannot mean anything raises one SwarrError naming the file and the field."""
+        if not isinstance(hf, dict):
+            raise SwarrError(f"{where}: expected a JSON object, got {type(hf).__name__}")
+        archs = hf.get("architectures") or ["?"]
+        arch = archs[0] if isinstance(archs, list) and archs else archs
+        if not isinstance(arch, str) or arch not in SUPPORTED:
             raise SwarrError(f"{where}: architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED)}")
-        try:
-            n_heads, n_layers = hf["num_attention_heads"], hf["num_hidden_layers"]
-            cfg = Config(arch=arch, vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=n_layers,
-                         n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-                         head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
-                         hidden_dim=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
-                         max_pos=hf.get("max_position_embeddings", 4096),
-                         qkv_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias")),
-                         qk_norm=arch == "Qwen3ForCausalLM", tie_embeddings=bool(hf.get("tie_word_embeddings")),
-                         hf=dict(hf))
-        except KeyError as e:
-            raise SwarrError(f"{where}: missing field {e.args[0]!r}") from None
+        num = lambda key, **kw: config_number(hf, key, where, **kw)
+        n_heads, n_layers, dim = num("num_attention_heads"), num("num_hidden_layers"), num("hidden_size")
+        n_kv_heads = num("num_key_value_heads", default=n_heads)
+        if n_heads % n_kv_heads:
+            raise SwarrError(f"{where}: num_attention_heads ({n_heads}) is not a multiple of "
+                             f"num_key_value_heads ({n_kv_heads})")
+        if hf.get("head_dim") is None and dim % n_heads:
+            raise SwarrError(f"{where}: hidden_size ({dim}) is not a multiple of num_attention_heads ({n_heads}) "
+                             f"and there is no head_dim")
+        head_dim = num("head_dim", default=dim // n_heads)
+        if head_dim % 2:
+            raise SwarrError(f"{where}: head_dim must be even (RoPE rotates pairs), got {head_dim}")
+        cfg = Config(arch=arch, vocab_size=num("vocab_size"), dim=dim, n_layers=n_layers, n_heads=n_heads,
+                     n_kv_heads=n_kv_heads, head_dim=head_dim, hidden_dim=num("intermediate_size"),
+                     norm_eps=num("rms_norm_eps", kind=float, default=1e-6),
+                     max_pos=num("max_position_embeddings", default=4096),
+                     qkv_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias")),
+                     qk_norm=arch == "Qwen3ForCausalLM", tie_embeddings=bool(hf.get("tie_word_embeddings")),
+                     hf=dict(hf))
         if hf.get("hidden_act", "silu") != "silu" or hf.get("mlp_bias"):
             raise SwarrError(f"{where}: only SwiGLU (silu, no MLP bias) MLPs are supported")
-        # RoPE: transformers 5 writes `rope_parameters`; released checkpoints use `rope_theta` + `rope_scaling`.
-        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-        rope.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
-        rope["rope_type"] = rope.get("rope_type", rope.get("type", "default"))
-        if rope["rope_type"] not in ("default", "linear", "llama3", "yarn"):
-            raise SwarrError(f"{where}: rope type {rope['rope_type']!r} is not supported (default, linear, llama3, yarn)")
-        cfg.rope = rope
-        # Windows, read the way transformers reads them (W keys including the query itself).
-        W = hf.get("sliding_window")
-        if arch == "MistralForCausalLM":
-            cfg.windows = [W] * n_layers
-        elif arch.startswith("Qwen") and hf.get("use_sliding_window") and W:
-            types = hf.get("layer_types") or ["sliding_attention" if i >= hf.get("max_window_layers", n_layers)
-                                              else "full_attention" for i in range(n_layers)]
-            cfg.windows = [W if t == "sliding_attention" else None for t in types]
-        else:
-            cfg.windows = [None] * n_layers
+        eos = hf.get("eos_token_id")
+        for i in eos if isinstance(eos, list) else [] if eos is None else [eos]:
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < cfg.vocab_size:
+                raise SwarrError(f"{where}: eos_token_id {eos!r} is not a token id below vocab_size {cfg.vocab_size}")
+        cfg.rope = config_rope(hf, where)
+        cfg.windows = config_windows(hf, arch, n_layers, where)
         return cfg
+
+
+_REQUIRED = object()
+
+
+def config_number(hf: dict, key: str, where: str, kind=int, default=_REQUIRED, minimum: float = 1):
+    """hf[key] as a positive int (kind=int, at least `minimum`) or a positive finite float (kind=float).
+    A missing or null field takes `default`; a required one is an error, as is a string, a bool, 0, -1 or NaN."""
+    v = hf.get(key)
+    if v is None:
+        if default is _REQUIRED:
+            raise SwarrError(f"{where}: missing field {key!r}")
+        return default
+    if kind is int:
+        ok = isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+        want = f"an integer >= {minimum}"
+    else:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+        want = "a positive number"
+    if not ok:
+        raise SwarrError(f"{where}: {key} must be {want}, got {v!r}")
+    return float(v) if kind is float else v
+
+
+def config_rope(hf: dict, where: str) -> dict:
+    """The RoPE parameters. transformers 5 writes `rope_parameters`; released checkpoints use `rope_theta` +
+    `rope_scaling`. Scaled types need their factors (llama3: four numbers)."""
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    key = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+    if not isinstance(rope, dict):
+        raise SwarrError(f"{where}: {key} must be an object, got {type(rope).__name__}")
+    given, rope = rope, dict(rope)
+    if rope.get("rope_theta") is None:
+        rope["rope_theta"] = 10000.0 if hf.get("rope_theta") is None else hf["rope_theta"]
+    rope["rope_type"] = rope.get("rope_type", rope.get("type", "default"))
+    if rope["rope_type"] not in ("default", "linear", "llama3", "yarn"):
+        raise SwarrError(f"{where}: rope type {rope['rope_type']!r} is not supported (default, linear, llama3, yarn)")
+    need = {"default": [], "linear": ["factor"], "yarn": ["factor"],
+            "llama3": ["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"]}
+    for name in ["rope_theta", *need[rope["rope_type"]]]:  # rope_theta may come from the top level
+        config_number(rope, name, f"{where}: {key}" if name != "rope_theta" or name in given else where, kind=float)
+    for name in ("original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow"):
+        if rope.get(name) is not None:
+            config_number(rope, name, f"{where}: {key}", kind=float)
+    if rope["rope_type"] == "llama3" and rope["low_freq_factor"] == rope["high_freq_factor"]:
+        raise SwarrError(f"{where}: {key}: low_freq_factor and high_freq_factor must differ")
+    return rope
+
+
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def config_windows(hf: dict, arch: str, n_layers: int, where: str) -> list:
+    """Per-layer windows, read the way transformers reads them (W keys including the query itself): Mistral
+    windows every layer with `sliding_window` (null = full attention); Qwen2/Qwen3 only with
+    `use_sliding_window: true`, on the layers `layer_types` (or `max_window_layers`) names; Llama never."""
+    W = hf.get("sliding_window")
+    if W is not None and arch != "LlamaForCausalLM" and (isinstance(W, bool) or not isinstance(W, int) or W < 1):
+        raise SwarrError(f"{where}: sliding_window must be a positive integer (keys per query) or null, got {W!r}")
+    types = hf.get("layer_types")
+    if types is not None:
+        if not isinstance(types, list) or len(types) != n_layers:
+            raise SwarrError(f"{where}: layer_types must be a list of {n_layers} entries (num_hidden_layers)")
+        for i, t in enumerate(types):
+            if t not in LAYER_TYPES:
+                raise SwarrError(f"{where}: layer_types[{i}] is {t!r}; supported: {', '.join(LAYER_TYPES)}")
+    if arch == "MistralForCausalLM":
+        return [W] * n_layers
+    if arch.startswith("Qwen"):
+        use = hf.get("use_sliding_window", False)
+        if not isinstance(use, bool):
+            raise SwarrError(f"{where}: use_sliding_window must be true or false, got {use!r}")
+        if use and W is None:
+            raise SwarrError(f"{where}: use_sliding_window is true but sliding_window is null")
+        if use:
+            first = config_number(hf, "max_window_layers", where, default=n_layers, minimum=0)
+            types = types or ["sliding_attention" if i >= first else "full_attention" for i in range(n_layers)]
+            return [W if t == "sliding_attention" else None for t in types]
+    return [None] * n_layers
 
 
 def check_window(window) -> int | None:
@@ -656,20 +736,58 @@ def _split_regex(pre: dict | None, where: str) -> str:
     return "|".join(regexes)
 
 
+def check_tokenizer_json(tj: dict, path: str):
+    """The fields of a tokenizer.json that Tokenizer reads, checked with one error line each. Duplicate ids
+    are caught here: tiktoken would panic on them (a Rust panic, not a Python error)."""
+    model = tj.get("model")
+    if not isinstance(model, dict):
+        raise SwarrError(f"{path}: field 'model' must be an object")
+    vocab = model.get("vocab")
+    if not isinstance(vocab, dict):
+        raise SwarrError(f"{path}: model.vocab must be an object mapping tokens to ids, got {type(vocab).__name__}")
+    seen: dict[int, str] = {}
+    added = tj.get("added_tokens", [])
+    if not isinstance(added, list) or not all(isinstance(t, dict) for t in added):
+        raise SwarrError(f"{path}: added_tokens must be a list of objects")
+    for t in added:
+        if not isinstance(t.get("content"), str) or not t["content"]:
+            raise SwarrError(f"{path}: an added token has no 'content' string: {t!r}"[:300])
+    specials = {t["content"]: t.get("id") for t in added}
+    for kind, table in (("model.vocab", {k: v for k, v in vocab.items() if k not in specials}),
+                        ("added_tokens", specials)):
+        for tok, i in table.items():
+            if isinstance(i, bool) or not isinstance(i, int) or i < 0:
+                raise SwarrError(f"{path}: {kind}: token {tok!r} has id {i!r}, not an integer >= 0")
+            if i in seen:
+                raise SwarrError(f"{path}: {kind}: id {i} is given to both {seen[i]!r} and {tok!r}")
+            seen[i] = tok
+    pre = tj.get("pre_tokenizer")
+    parts = pre.get("pretokenizers") if isinstance(pre, dict) and pre.get("type") == "Sequence" else [pre]
+    if pre is not None and (not isinstance(parts, list) or
+                            not all(isinstance(p, dict) and isinstance(p.get("type"), str) for p in parts)):
+        raise SwarrError(f"{path}: pre_tokenizer (and each of a Sequence's pretokenizers) needs a 'type'")
+    for p in parts if pre is not None else []:
+        pat = p.get("pattern")
+        if p["type"] == "Split" and not (isinstance(pat, dict) and (isinstance(pat.get("Regex"), str)
+                                                                    or isinstance(pat.get("String"), str))):
+            raise SwarrError(f"{path}: Split pre-tokenizer needs a pattern {{'Regex': ...}} or {{'String': ...}}")
+    norm = tj.get("normalizer")
+    if norm is not None and not (isinstance(norm, dict) and isinstance(norm.get("type"), str)):
+        raise SwarrError(f"{path}: normalizer needs a 'type'")
+
+
 class Tokenizer:
     """Wraps a tiktoken.Encoding (`self.enc`) built from tokenizer.json; token ids are the checkpoint's ids."""
 
     def __init__(self, path: str):
         self.path = path
-        try:
-            with open(path, encoding="utf-8") as f:
-                self.json_text = f.read()
-            tj = json.loads(self.json_text)
-            model = tj["model"]
-        except FileNotFoundError:
-            raise SwarrError(f"{path}: tokenizer file not found") from None
-        except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
-            raise SwarrError(f"{path}: not a valid tokenizer.json ({e})") from None
+        if not os.path.lexists(path):
+            raise SwarrError(f"{path}: tokenizer file not found")
+        tj = read_json(path)
+        with open(path, encoding="utf-8") as f:
+            self.json_text = f.read()
+        check_tokenizer_json(tj, path)
+        model = tj["model"]
         if model.get("type") != "BPE":
             raise SwarrError(f"{path}: tokenizer model {model.get('type')!r} is not supported (byte-level BPE only)")
         byte_of = {c: b for b, c in _bytes_to_unicode().items()}
@@ -682,13 +800,20 @@ class Tokenizer:
         self.special = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
         for s in self.special:
             ranks.pop(s.encode(), None)
+        missing = [b for b in range(256) if bytes([b]) not in ranks]
+        if missing:  # byte-level BPE can spell any text only from all 256 bytes (tiktoken would panic)
+            raise SwarrError(f"{path}: model.vocab lacks {len(missing)} of the 256 single bytes "
+                             f"(e.g. {_bytes_to_unicode()[missing[0]]!r}); not a byte-level BPE vocabulary")
         norm = (tj.get("normalizer") or {}).get("type")
         if norm not in (None, "NFC"):
             raise SwarrError(f"{path}: normalizer {norm!r} is not supported")
         self.nfc = norm == "NFC"
-        self.enc = tiktoken.Encoding(name=os.path.basename(os.path.dirname(os.path.abspath(path))) or "tok",
-                                     pat_str=_split_regex(tj.get("pre_tokenizer"), path),
-                                     mergeable_ranks=ranks, special_tokens=self.special)
+        try:
+            self.enc = tiktoken.Encoding(name=os.path.basename(os.path.dirname(os.path.abspath(path))) or "tok",
+                                         pat_str=_split_regex(tj.get("pre_tokenizer"), path),
+                                         mergeable_ranks=ranks, special_tokens=self.special)
+        except ValueError as e:  # tiktoken compiles the pre-tokenizer's regex (Rust regex syntax)
+            raise SwarrError(f"{path}: pre_tokenizer regex does not compile ({str(e).splitlines()[0]})") from None
         self.vocab_size = max([*ranks.values(), *self.special.values()]) + 1
 
     def encode(self, text: str) -> list[int]:
@@ -738,15 +863,40 @@ class Tokenizer:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def read_json(path: str) -> dict:
+    """The JSON object in the regular file `path`, or one SwarrError naming the file. The file is opened
+    non-blocking and checked to be a regular file before reading: a FIFO would otherwise block forever."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise SwarrError(f"{path}: not found") from None
+    except OSError as e:  # a symlink loop, no permission, ...
+        raise SwarrError(f"{path}: cannot open ({e.strerror})") from None
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SwarrError(f"{path}: not a regular file")
+        try:
+            data = json.loads(f.read().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise SwarrError(f"{path}: not UTF-8 text (byte {e.start})") from None
+        except json.JSONDecodeError as e:
+            raise SwarrError(f"{path}: malformed JSON ({e})") from None
+        except RecursionError:
+            raise SwarrError(f"{path}: JSON nested too deeply") from None
+        except OSError as e:  # e.g. a folder opened on a platform that allows it
+            raise SwarrError(f"{path}: cannot read ({e.strerror})") from None
+    if not isinstance(data, dict):
+        raise SwarrError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def _weight_files(path: str) -> dict[str, str]:
     """tensor name -> safetensors file, from model.safetensors or model.safetensors.index.json."""
     index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        try:
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise SwarrError(f"{index}: malformed index ({e})") from None
+    if os.path.lexists(index):
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) and f for f in weight_map.values()):
+            raise SwarrError(f"{index}: weight_map must map tensor names to file names")
         files = {n: os.path.join(path, f) for n, f in weight_map.items()}
     else:
         single = os.path.join(path, "model.safetensors")
@@ -756,6 +906,8 @@ def _weight_files(path: str) -> dict[str, str]:
     for fn in set(files.values()):
         if not os.path.exists(fn):
             raise SwarrError(f"{fn}: shard listed in the index is missing")
+        if not os.path.isfile(fn):  # a folder, FIFO or device: safetensors would fail or block on it
+            raise SwarrError(f"{fn}: not a regular file")
     return files
 
 
@@ -774,17 +926,15 @@ def load(path: str, dtype=torch.float32, device="cpu") -> tuple[Transformer, Tok
     """Load a local HF model folder: config.json, safetensors weights, tokenizer.json. Each tensor is read
     from disk straight into its parameter (no second full copy of the model is ever held)."""
     dtype = DTYPES.get(dtype, dtype)
+    recover(path)  # a save interrupted at its switch leaves `path` missing for an instant: finish it
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isdir(path):
         raise SwarrError(f"{path}: model folder not found")
-    try:
-        with open(cfg_path) as f:
-            cfg = Config.from_hf(json.load(f), cfg_path)
-    except FileNotFoundError:
-        raise SwarrError(f"{cfg_path}: not found") from None
-    except json.JSONDecodeError as e:
-        raise SwarrError(f"{cfg_path}: malformed JSON ({e})") from None
+    cfg = Config.from_hf(read_json(cfg_path), cfg_path)
     tok = Tokenizer(os.path.join(path, "tokenizer.json"))
+    if tok.vocab_size > cfg.vocab_size:  # an id past the embedding would fail only at generation
+        raise SwarrError(f"{tok.path}: token ids go up to {tok.vocab_size - 1}, but config.json's vocab_size "
+                         f"(the embedding) is {cfg.vocab_size}")
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to_empty(device=device).to(dtype)
@@ -839,42 +989,125 @@ def export_config(model: Transformer, dtype) -> dict:
     return hf
 
 
+# ---- the atomic checkpoint switch ---------------------------------------------------------------------
+# save() never changes a checkpoint folder in place. It writes the complete new checkpoint into a hidden folder
+# `.NAME.vN` beside `path` and fsyncs it; then `path`, a symlink, is switched to it by one os.replace.
+# Whoever opens `path` (swarr.load, transformers, vLLM) finds the old checkpoint or the new one, at every
+# instant. Leftovers of an interrupted save (`.NAME.tmp-PID-*`: half-written; `.NAME.vN` not linked: old or
+# never switched to; `.NAME.link-PID-*`) are cleaned by recover(), which save() and load() call first.
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (on this machine)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # someone else's process / not a pid at all
+        return pid < 2 ** 31
+    return True
+
+
+def _fsync(path: str):
+    """Flush a file's or a folder's entry list to disk (after a rename, the folder holds the new name)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _leftovers(path: str) -> dict[str, tuple[str, int]]:
+    """Sibling entries save() makes for `path`: file name -> (kind 'v' | 'tmp' | 'link', version or pid)."""
+    parent, name = os.path.split(path)
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return {}
+    pat = re.compile(rf"\.{re.escape(name)}\.(?:v(\d+)|(tmp|link)-(\d+)-[0-9a-f]+)")
+    found = {}
+    for f in entries:
+        m = pat.fullmatch(f)
+        if m:
+            found[f] = ("v", int(m[1])) if m[1] is not None else (m[2], int(m[3]))
+    return found
+
+
+def _link(path: str, target: str):
+    """Point the symlink `path` at the sibling folder `target`, atomically (also over an existing symlink)."""
+    parent, name = os.path.split(path)
+    link = os.path.join(parent, f".{name}.link-{os.getpid()}-{os.urandom(4).hex()}")
+    os.symlink(os.path.basename(target), link)  # relative: the run folder can be moved as a whole
+    try:
+        os.replace(link, path)
+    except BaseException:
+        if os.path.lexists(link):
+            os.remove(link)
+        raise
+    _fsync(parent)
+
+
+def recover(path: str):
+    """Finish or clean up what an interrupted save() left beside `path`: if `path` is missing (interrupted while
+    a plain folder was being replaced by the symlink), link it to the newest complete version; then delete
+    half-written folders of dead processes and versions `path` no longer points to. Never touches `path`'s
+    own checkpoint."""
+    path = os.path.abspath(path.rstrip("/") or "/")
+    found = _leftovers(path)
+    versions = {n: f for f, (kind, n) in found.items() if kind == "v"}
+    if versions and not os.path.isdir(path) and (os.path.islink(path) or not os.path.lexists(path)):
+        _link(path, os.path.join(os.path.dirname(path), versions[max(versions)]))
+    if not os.path.isdir(path):  # no checkpoint here (or not ours): nothing to compare with, delete nothing
+        return
+    current = os.path.realpath(path)
+    for f, (kind, n) in found.items():
+        full = os.path.join(os.path.dirname(path), f)
+        if kind == "v" and os.path.realpath(full) != current or \
+                kind != "v" and (n == os.getpid() or not pid_alive(n)):
+            shutil.rmtree(full) if os.path.isdir(full) and not os.path.islink(full) else os.remove(full)
+
+
 def save(model: Transformer, tok: Tokenizer, path: str, extra_files: dict[str, str] | None = None):
-    """Write an HF folder (model.safetensors, config.json, tokenizer.json, + extra_files name -> text).
-    Atomic: everything is written to a temporary sibling folder, which then replaces `path` by rename."""
-    path = os.path.abspath(path.rstrip("/"))
-    parent = os.path.dirname(path)
+    """Write an HF folder (model.safetensors, config.json, tokenizer.json, + extra_files name -> text) at `path`.
+
+    Atomic at every instant (see recover above): `path` becomes a symlink to the complete folder `.NAME.vN`
+    beside it. Load the checkpoint through `path`, with swarr.load or transformers' from_pretrained."""
+    path = os.path.abspath(path.rstrip("/") or "/")
+    parent, name = os.path.split(path)
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise SwarrError(f"{path}: exists and is not a checkpoint folder")
     os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".tmp-{os.path.basename(path)}-{os.urandom(4).hex()}")
+    recover(path)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
+             if not (model.cfg.tie_embeddings and k == "lm_head.weight")}
+    dtype = next(iter(state.values())).dtype
+    files = {"config.json": json.dumps(export_config(model, dtype), indent=2),  # raises before anything is written
+             "tokenizer.json": tok.json_text, **(extra_files or {})}
+    for src in ("tokenizer_config.json", "generation_config.json"):  # keep chat template & generation defaults
+        p = os.path.join(os.path.dirname(tok.path), src)
+        if os.path.isfile(p) and src not in files:
+            with open(p, encoding="utf-8") as f:
+                files[src] = f.read()
+    version = os.path.join(parent, f".{name}.v{max([n for k, n in _leftovers(path).values() if k == 'v'] + [0]) + 1}")
+    tmp = os.path.join(parent, f".{name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
     os.mkdir(tmp)  # (not mkdtemp: its folders stay private, 0700; this one gets the umask's usual mode)
     try:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
-                 if not (model.cfg.tie_embeddings and k == "lm_head.weight")}
-        dtype = next(iter(state.values())).dtype
         save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        files = {"config.json": json.dumps(export_config(model, dtype), indent=2),
-                 "tokenizer.json": tok.json_text, **(extra_files or {})}
-        for src in ("tokenizer_config.json", "generation_config.json"):  # keep chat template & generation defaults
-            p = os.path.join(os.path.dirname(tok.path), src)
-            if os.path.exists(p) and src not in files:
-                with open(p) as f:
-                    files[src] = f.read()
-        for name, text in files.items():
-            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+        for fname, text in files.items():
+            with open(os.path.join(tmp, fname), "w", encoding="utf-8") as f:
                 f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-        old = None
-        if os.path.exists(path):  # swap: the good checkpoint is only removed once the new one is complete
-            old = tempfile.mkdtemp(prefix=".old-" + os.path.basename(path) + "-", dir=parent)
-            os.rename(path, os.path.join(old, "x"))
-        os.rename(tmp, path)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
+        for fname in os.listdir(tmp):
+            _fsync(os.path.join(tmp, fname))
+        _fsync(tmp)
+        os.rename(tmp, version)  # complete from here on: error handling never deletes it
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
+    _fsync(parent)
+    if os.path.isdir(path) and not os.path.islink(path):  # a plain folder (another tool wrote it): it becomes
+        os.rename(path, os.path.join(parent, f".{name}.v0"))  # version 0; `path` is missing until _link (and
+    _link(path, version)                                      # recover() links the newest version if cut here)
+    recover(path)  # the previous version goes
 
 
 # =====================================================================================================
