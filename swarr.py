@@ -13,6 +13,7 @@ import re
 import shutil
 import stat
 import sys
+import tempfile
 import time
 import unicodedata
 from dataclasses import dataclass, field
@@ -618,6 +619,35 @@ class Generation:
     caches: list            # the KV caches, for inspection (bytes, shapes)
 
 
+def available_memory(device) -> float:
+    """Bytes free for new tensors on `device`: the GPU's free memory, or the host's MemAvailable (inf if unknown)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return float(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024.0 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return math.inf
+
+
+def check_generation(model: Transformer, prompts: list[list[int]], max_new_tokens: int, n_samples: int = 1):
+    """Refuse, before allocating anything, a generation that cannot run: a prompt longer than the model's
+    context, or KV caches (plus the token buffers) larger than the memory free on the model's device."""
+    c, p = model.cfg, next(model.parameters())
+    longest = max(map(len, prompts), default=0)
+    if longest > c.max_pos:
+        raise SwarrError(f"a prompt of {longest} tokens is longer than the model's context "
+                         f"({c.max_pos} positions, max_position_embeddings)")
+    rows, total = len(prompts) * n_samples, longest + max_new_tokens
+    slots = sum(min(w, total) if w else total for w in model.windows)
+    need = rows * (2 * slots * c.n_kv_heads * c.head_dim * p.element_size() + 8 * max_new_tokens)
+    free = available_memory(p.device)
+    if need > free:
+        raise SwarrError(f"generating {max_new_tokens} tokens for {rows} sequences needs {need / 2**30:.1f} GiB of "
+                         f"KV cache, {free / 2**30:.1f} GiB is free on {p.device}: lower --max-new-tokens or the batch")
+
+
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, eos_ids=(),
              temperature: float = 0.0, top_p: float = 1.0, n_samples: int = 1, seed: int | None = None) -> Generation:
@@ -628,6 +658,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     >>> g.tokens.shape, g.lengths                                   # (2, 8), tensor([8, 3]) e.g.
     """
     dev = next(model.parameters()).device
+    check_generation(model, prompts, max_new_tokens, n_samples)
     caches = make_caches(model, len(prompts), max(map(len, prompts)) + max_new_tokens)
     logits = prefill(model, prompts, caches)
     if n_samples > 1:
@@ -872,9 +903,10 @@ def read_json(path: str) -> dict:
         raise SwarrError(f"{path}: not found") from None
     except OSError as e:  # a symlink loop, no permission, ...
         raise SwarrError(f"{path}: cannot open ({e.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # a folder, FIFO or device
+        os.close(fd)
+        raise SwarrError(f"{path}: not a regular file")
     with open(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise SwarrError(f"{path}: not a regular file")
         try:
             data = json.loads(f.read().decode("utf-8"))
         except UnicodeDecodeError as e:
@@ -1204,16 +1236,67 @@ def summarise(rows: list[dict], samples: int) -> dict:
     return s
 
 
+def check_device(name: str) -> torch.device:
+    """--device as a torch.device that exists here: 'cpu', 'cuda', 'cuda:1' (if there are 2 GPUs), 'mps'."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise SwarrError(f"--device {name!r} is not a device (cpu, cuda, cuda:N, mps)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SwarrError(f"--device {name}: CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SwarrError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise SwarrError(f"--device {name}: MPS is not available on this machine")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise SwarrError(f"--device {name}: only cpu, cuda and mps are supported")
+    return dev
+
+
+SEED_LIMIT = 2 ** 32  # seeds are combined (seed * k + step) into torch/random seeds, which must stay < 2**64
+
+
 def check_flags(a):
     """Numbers a command line cannot mean: one error line each, before anything loads."""
     for flag, ok, want in (("--samples", getattr(a, "samples", 1) >= 1, "at least 1"),
-                           ("--temperature", a.temperature >= 0, "0 (greedy) or more"),
+                           ("--temperature", 0 <= a.temperature < math.inf, "0 (greedy) or a finite positive number"),
                            ("--top-p", 0 < getattr(a, "top_p", 1.0) <= 1, "in (0, 1]"),
                            ("--max-new-tokens", a.max_new_tokens >= 1, "at least 1"),
                            ("--batch-size", getattr(a, "batch_size", 1) >= 1, "at least 1"),
-                           ("--limit", getattr(a, "limit", None) is None or a.limit >= 1, "at least 1")):
+                           ("--limit", getattr(a, "limit", None) is None or a.limit >= 1, "at least 1"),
+                           ("--seed", 0 <= getattr(a, "seed", 0) < SEED_LIMIT, "in [0, 2**32)")):
         if not ok:
             raise SwarrError(f"{flag} must be {want}")
+    if getattr(a, "window", None) is not None:
+        check_window(a.window)
+    check_device(a.device)
+
+
+def check_out_folder(out: str, flag: str = "--out"):
+    """Refuse now, before the work, an output folder that could not be written at the end: a path that is a
+    file, or a place where nothing can be created (no permission, read-only file system). Writes nothing."""
+    probe_in = out
+    while not os.path.lexists(probe_in):  # the nearest existing ancestor is where the folder will be made
+        probe_in = os.path.dirname(os.path.abspath(probe_in))
+    if not os.path.isdir(probe_in):
+        raise SwarrError(f"{flag} {out}: {probe_in} exists and is not a folder")
+    try:  # os.access says yes to root even on a read-only file system: really create something
+        os.rmdir(tempfile.mkdtemp(prefix=".swarr-probe-", dir=probe_in))
+    except OSError as e:
+        raise SwarrError(f"{flag} {out}: cannot write in {probe_in} ({e.strerror})") from None
+
+
+def write_text_atomic(path: str, text: str):
+    """Write a file through a temporary sibling and os.replace: an interrupted write leaves the old file whole."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def model_from_flags(a) -> tuple[Transformer, Tokenizer]:
@@ -1226,22 +1309,25 @@ def model_from_flags(a) -> tuple[Transformer, Tokenizer]:
 
 
 def cmd_eval(a):
-    model, tok = model_from_flags(a)
+    check_flags(a)
+    out = a.out or os.path.join("runs", "eval-" + os.path.basename(a.model.rstrip("/")))
+    check_out_folder(out)
+    for name in ("summary.json", "samples.jsonl"):
+        if os.path.isdir(os.path.join(out, name)):
+            raise SwarrError(f"--out {out}: {name} there is a folder")
     try:
         records = grader.load_dataset(a.data)[:a.limit]
     except (ValueError, OSError) as e:  # malformed line (file:line in the message) or unreadable file
         raise SwarrError(str(e)) from None
     if not records:
         raise SwarrError(f"{a.data}: no records to evaluate")
+    model, tok = model_from_flags(a)
     summary, rows = evaluate(model, tok, records, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size,
                              samples=a.samples, temperature=a.temperature, chat=not a.raw, seed=a.seed)
     summary.update(model=a.model, data=a.data, window=a.window, windows=model.windows)  # windows: as run, per layer
-    out = a.out or os.path.join("runs", "eval-" + os.path.basename(a.model.rstrip("/")))
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "samples.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_text_atomic(os.path.join(out, "samples.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+    write_text_atomic(os.path.join(out, "summary.json"), json.dumps(summary, indent=2))
     line = f"accuracy {summary['accuracy']:.4f} on {summary['n']} problems"
     if a.samples > 1:
         line += f" (mean of {a.samples} samples {summary['mean_accuracy']:.4f}, majority {summary['majority_accuracy']:.4f})"
