@@ -35,6 +35,7 @@ class SwarrError(Exception):
 # =====================================================================================================
 # config: the few numbers that define a Llama / Mistral / Qwen2 / Qwen3 decoder
 # =====================================================================================================
+MAX_LAYERS = 10_000  # far above any released decoder (Llama 3.1 405B has 126 layers)
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 
@@ -69,6 +70,8 @@ class Config:
             raise SwarrError(f"{where}: architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED)}")
         num = lambda key, **kw: config_number(hf, key, where, **kw)
         n_heads, n_layers, dim = num("num_attention_heads"), num("num_hidden_layers"), num("hidden_size")
+        if n_layers > MAX_LAYERS:  # per-layer lists are built from it before any weight is read
+            raise SwarrError(f"{where}: num_hidden_layers {n_layers} is not plausible (at most {MAX_LAYERS})")
         n_kv_heads = num("num_key_value_heads", default=n_heads)
         if n_heads % n_kv_heads:
             raise SwarrError(f"{where}: num_attention_heads ({n_heads}) is not a multiple of "
@@ -954,6 +957,22 @@ def _safe(fn: str, use):
         raise SwarrError(f"{fn}: cannot read safetensors file ({str(e).splitlines()[0]})") from None
 
 
+def check_size(cfg: Config, files: dict, element_size: int, device, where: str):
+    """Before building the model: the weights must hold num_hidden_layers layers, and the parameters that
+    config.json implies must fit in the memory free on `device` (a config saying 10**9 layers or a hidden size
+    of 10**7 is refused here instead of exhausting the machine)."""
+    layers = {int(m[1]) for name in files if (m := re.match(r"model\.layers\.(\d+)\.", name))}
+    if layers != set(range(cfg.n_layers)):
+        raise SwarrError(f"{where}: num_hidden_layers is {cfg.n_layers}, the weights hold {len(layers)} layers")
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    per_layer = cfg.dim * (2 * q + 2 * kv) + 3 * cfg.dim * cfg.hidden_dim + 2 * cfg.dim + q + 2 * kv
+    n = cfg.n_layers * per_layer + cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2) + cfg.dim
+    free = available_memory(device)
+    if n * element_size > free:
+        raise SwarrError(f"{where}: the model has {n:,} parameters ({n * element_size / 2**30:.1f} GiB), more than "
+                         f"the {free / 2**30:.1f} GiB free on {device}")
+
+
 def load(path: str, dtype=torch.float32, device="cpu") -> tuple[Transformer, Tokenizer]:
     """Load a local HF model folder: config.json, safetensors weights, tokenizer.json. Each tensor is read
     from disk straight into its parameter (no second full copy of the model is ever held)."""
@@ -961,19 +980,20 @@ def load(path: str, dtype=torch.float32, device="cpu") -> tuple[Transformer, Tok
     recover(path)  # a save interrupted at its switch leaves `path` missing for an instant: finish it
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isdir(path):
-        raise SwarrError(f"{path}: model folder not found")
+        raise SwarrError(f"{path}: model folder not found" if not os.path.exists(path) else f"{path}: not a folder")
     cfg = Config.from_hf(read_json(cfg_path), cfg_path)
     tok = Tokenizer(os.path.join(path, "tokenizer.json"))
     if tok.vocab_size > cfg.vocab_size:  # an id past the embedding would fail only at generation
         raise SwarrError(f"{tok.path}: token ids go up to {tok.vocab_size - 1}, but config.json's vocab_size "
                          f"(the embedding) is {cfg.vocab_size}")
+    files = _weight_files(path)
+    check_size(cfg, files, torch.empty(0, dtype=dtype).element_size(), device, cfg_path)
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to_empty(device=device).to(dtype)
     if cfg.tie_embeddings:  # to_empty() gives every parameter its own storage: tie them again
         model.lm_head.weight = model.model.embed_tokens.weight
     params = dict(model.named_parameters())
-    files = _weight_files(path)
     for fn in sorted(set(files.values())):
         def copy_all(f, fn=fn):
             for name in f.keys():
