@@ -69,6 +69,9 @@ class Config:
         if not isinstance(arch, str) or arch not in SUPPORTED:
             raise SwarrError(f"{where}: architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED)}")
         num = lambda key, **kw: config_number(hf, key, where, **kw)
+        for key in ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window"):
+            if hf.get(key) is not None and not isinstance(hf[key], bool):  # "false" would read as true
+                raise SwarrError(f"{where}: {key} must be true or false, got {hf[key]!r}")
         n_heads, n_layers, dim = num("num_attention_heads"), num("num_hidden_layers"), num("hidden_size")
         if n_layers > MAX_LAYERS:  # per-layer lists are built from it before any weight is read
             raise SwarrError(f"{where}: num_hidden_layers {n_layers} is not plausible (at most {MAX_LAYERS})")
@@ -168,8 +171,6 @@ def config_windows(hf: dict, arch: str, n_layers: int, where: str) -> list:
         return [W] * n_layers
     if arch.startswith("Qwen"):
         use = hf.get("use_sliding_window", False)
-        if not isinstance(use, bool):
-            raise SwarrError(f"{where}: use_sliding_window must be true or false, got {use!r}")
         if use and W is None:
             raise SwarrError(f"{where}: use_sliding_window is true but sliding_window is null")
         if use:
@@ -790,8 +791,8 @@ def check_tokenizer_json(tj: dict, path: str):
     for kind, table in (("model.vocab", {k: v for k, v in vocab.items() if k not in specials}),
                         ("added_tokens", specials)):
         for tok, i in table.items():
-            if isinstance(i, bool) or not isinstance(i, int) or i < 0:
-                raise SwarrError(f"{path}: {kind}: token {tok!r} has id {i!r}, not an integer >= 0")
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < 2 ** 31:
+                raise SwarrError(f"{path}: {kind}: token {tok!r} has id {i!r}, not an integer in [0, 2**31)")
             if i in seen:
                 raise SwarrError(f"{path}: {kind}: id {i} is given to both {seen[i]!r} and {tok!r}")
             seen[i] = tok

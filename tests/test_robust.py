@@ -119,6 +119,7 @@ BAD_CHECKPOINTS = [
     ("qwen-window-null", "qwen", windowed_qwen(None), ["config.json", "sliding_window"]),
     ("qwen-use-string", "qwen", cfg_edit(use_sliding_window="yes", sliding_window=8),
      ["config.json", "use_sliding_window"]),
+    ("tie-string", "qwen", cfg_edit(tie_word_embeddings="false"), ["config.json", "tie_word_embeddings"]),
     ("qwen-max-window-layers", "qwen", cfg_edit(use_sliding_window=True, sliding_window=8, layer_types=None,
                                                 max_window_layers=-1), ["config.json", "max_window_layers"]),
     ("layer-type-unknown", "qwen", cfg_edit(layer_types=["full_attention", "chunked_attention"]),
@@ -153,6 +154,7 @@ BAD_CHECKPOINTS = [
      ["tokenizer.json", "content"]),
     ("tok-added-bad-id", "qwen", tok_edit(lambda t: t["added_tokens"].append({"id": "x", "content": "<x>"})),
      ["tokenizer.json", "<x>"]),
+    ("tok-id-huge", "qwen", tok_edit(lambda t: t["model"]["vocab"].update(zz=2 ** 40)), ["tokenizer.json", "'zz'"]),
     ("tok-bad-regex", "qwen", tok_edit(lambda t: t.update(pre_tokenizer={
         "type": "Split", "pattern": {"Regex": "(unclosed"}, "behavior": "Isolated", "invert": False})),
      ["tokenizer.json", "regex"]),
