@@ -978,7 +978,7 @@ def load(path: str, dtype=torch.float32, device="cpu") -> tuple[Transformer, Tok
     """Load a local HF model folder: config.json, safetensors weights, tokenizer.json. Each tensor is read
     from disk straight into its parameter (no second full copy of the model is ever held)."""
     dtype = DTYPES.get(dtype, dtype)
-    recover(path)  # a save interrupted at its switch leaves `path` missing for an instant: finish it
+    recover(path, clean=False)  # a save interrupted at its switch leaves `path` missing for an instant: finish it
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isdir(path):
         raise SwarrError(f"{path}: model folder not found" if not os.path.exists(path) else f"{path}: not a folder")
@@ -1047,7 +1047,7 @@ def export_config(model: Transformer, dtype) -> dict:
 # `.NAME.vN` beside `path` and fsyncs it; then `path`, a symlink, is switched to it by one os.replace.
 # Whoever opens `path` (swarr.load, transformers, vLLM) finds the old checkpoint or the new one, at every
 # instant. Leftovers of an interrupted save (`.NAME.tmp-PID-*`: half-written; `.NAME.vN` not linked: old or
-# never switched to; `.NAME.link-PID-*`) are cleaned by recover(), which save() and load() call first.
+# never switched to; `.NAME.link-PID-*`) are cleaned by recover(), which save() calls first (load() only relinks).
 def pid_alive(pid: int) -> bool:
     """Whether process `pid` exists (on this machine)."""
     if pid <= 0:
@@ -1100,17 +1100,18 @@ def _link(path: str, target: str):
     _fsync(parent)
 
 
-def recover(path: str):
+def recover(path: str, clean: bool = True):
     """Finish or clean up what an interrupted save() left beside `path`: if `path` is missing (interrupted while
-    a plain folder was being replaced by the symlink), link it to the newest complete version; then delete
-    half-written folders of dead processes and versions `path` no longer points to. Never touches `path`'s
-    own checkpoint."""
+    a plain folder was being replaced by the symlink), link it to the newest complete version; then (`clean`)
+    delete half-written folders of dead processes and versions `path` no longer points to. Never touches
+    `path`'s own checkpoint. Readers pass clean=False: a writer's new version, complete but not yet linked,
+    must not vanish under it (one writer per path: the training scripts lock their --out)."""
     path = os.path.abspath(path.rstrip("/") or "/")
     found = _leftovers(path)
     versions = {n: f for f, (kind, n) in found.items() if kind == "v"}
     if versions and not os.path.isdir(path) and (os.path.islink(path) or not os.path.lexists(path)):
         _link(path, os.path.join(os.path.dirname(path), versions[max(versions)]))
-    if not os.path.isdir(path):  # no checkpoint here (or not ours): nothing to compare with, delete nothing
+    if not clean or not os.path.isdir(path):  # no checkpoint here (or not ours): delete nothing
         return
     current = os.path.realpath(path)
     for f, (kind, n) in found.items():
