@@ -118,8 +118,8 @@ def config_number(hf: dict, key: str, where: str, kind=int, default=_REQUIRED, m
         ok = isinstance(v, int) and not isinstance(v, bool) and v >= minimum
         want = f"an integer >= {minimum}"
     else:
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
-        want = "a positive number"
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1e300  # (also not NaN)
+        want = "a positive finite number"
     if not ok:
         raise SwarrError(f"{where}: {key} must be {want}, got {v!r}")
     return float(v) if kind is float else v
@@ -141,10 +141,11 @@ def config_rope(hf: dict, where: str) -> dict:
     need = {"default": [], "linear": ["factor"], "yarn": ["factor"],
             "llama3": ["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"]}
     for name in ["rope_theta", *need[rope["rope_type"]]]:  # rope_theta may come from the top level
-        config_number(rope, name, f"{where}: {key}" if name != "rope_theta" or name in given else where, kind=float)
+        rope[name] = config_number(rope, name, f"{where}: {key}" if name != "rope_theta" or name in given else where,
+                                   kind=float)
     for name in ("original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow"):
         if rope.get(name) is not None:
-            config_number(rope, name, f"{where}: {key}", kind=float)
+            rope[name] = config_number(rope, name, f"{where}: {key}", kind=float)
     if rope["rope_type"] == "llama3" and rope["low_freq_factor"] == rope["high_freq_factor"]:
         raise SwarrError(f"{where}: {key}: low_freq_factor and high_freq_factor must differ")
     return rope
@@ -158,8 +159,12 @@ def config_windows(hf: dict, arch: str, n_layers: int, where: str) -> list:
     windows every layer with `sliding_window` (null = full attention); Qwen2/Qwen3 only with
     `use_sliding_window: true`, on the layers `layer_types` (or `max_window_layers`) names; Llama never."""
     W = hf.get("sliding_window")
-    if W is not None and arch != "LlamaForCausalLM" and (isinstance(W, bool) or not isinstance(W, int) or W < 1):
-        raise SwarrError(f"{where}: sliding_window must be a positive integer (keys per query) or null, got {W!r}")
+    if W is not None and arch != "LlamaForCausalLM":
+        try:
+            check_window(W)
+        except SwarrError:
+            raise SwarrError(f"{where}: sliding_window must be an integer in [1, 2**31) (keys per query) or null, "
+                             f"got {W!r}") from None
     types = hf.get("layer_types")
     if types is not None:
         if not isinstance(types, list) or len(types) != n_layers:
@@ -184,8 +189,8 @@ def check_window(window) -> int | None:
     """A window is None (full attention) or a positive int: the number of keys a query sees, itself included."""
     if window is None:
         return None
-    if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
-        raise SwarrError(f"window must be a positive integer or None, got {window!r}")
+    if isinstance(window, bool) or not isinstance(window, int) or not 0 < window < 2 ** 31:
+        raise SwarrError(f"window must be an integer in [1, 2**31) or None, got {window!r}")
     return window
 
 
@@ -768,7 +773,23 @@ def _split_regex(pre: dict | None, where: str) -> str:
             regexes.insert(0, r"\p{N}" if p.get("individual_digits") else r"\p{N}+")
         else:
             raise SwarrError(f"{where}: pre-tokenizer {p['type']!r} is not supported")
-    return "|".join(regexes)
+    pat = "|".join(regexes) or r"[\s\S]+"  # no splitting at all: the whole text is one piece
+    _check_no_empty_match(pat, where)
+    return pat
+
+
+def _check_no_empty_match(pat: str, where: str):
+    """tiktoken panics (a Rust panic, not a Python error) on a piece of length 0, i.e. on a pre-tokenizer regex
+    that can match the empty string (`a*`, `x|`, a lone lookahead). Probe it on text of every character class."""
+    import regex  # tiktoken's own dependency; its syntax is close to the Rust regex tiktoken compiles
+    try:
+        compiled = regex.compile(pat)
+    except regex.error:
+        return  # tiktoken reports the syntax error itself
+    probe = "Hello, World! It's 2024: x^2 + 3.14 = y_1\n\n\t  café naïve 東京 🙂 ÿ \"q\" (a) [b] {c} <d> #@$%&*~`|"
+    for text in ["", probe, *probe]:
+        if any(m.start() == m.end() for m in compiled.finditer(text)):
+            raise SwarrError(f"{where}: the pre-tokenizer regex can match the empty string (in {text[:20]!r})")
 
 
 def check_tokenizer_json(tj: dict, path: str):

@@ -116,6 +116,9 @@ BAD_CHECKPOINTS = [
     ("qwen-window-0", "qwen", windowed_qwen(0), ["config.json", "sliding_window", "0"]),
     ("qwen-window-true", "qwen", windowed_qwen(True), ["config.json", "sliding_window", "True"]),
     ("qwen-window-float", "qwen", windowed_qwen(40.5), ["config.json", "sliding_window", "40.5"]),
+    ("qwen-window-huge", "qwen", windowed_qwen(10 ** 30), ["config.json", "sliding_window"]),
+    ("theta-huge-int", "qwen", cfg_edit(rope_parameters={"rope_type": "default", "rope_theta": 10 ** 400}),
+     ["config.json", "rope_theta"]),
     ("qwen-window-null", "qwen", windowed_qwen(None), ["config.json", "sliding_window"]),
     ("qwen-use-string", "qwen", cfg_edit(use_sliding_window="yes", sliding_window=8),
      ["config.json", "use_sliding_window"]),
@@ -158,6 +161,9 @@ BAD_CHECKPOINTS = [
     ("tok-bad-regex", "qwen", tok_edit(lambda t: t.update(pre_tokenizer={
         "type": "Split", "pattern": {"Regex": "(unclosed"}, "behavior": "Isolated", "invert": False})),
      ["tokenizer.json", "regex"]),
+    ("tok-regex-empty-match", "qwen", tok_edit(lambda t: t.update(pre_tokenizer={
+        "type": "Split", "pattern": {"Regex": "\\s*"}, "behavior": "Isolated", "invert": False})),
+     ["tokenizer.json", "empty string"]),
     ("tok-split-no-pattern", "qwen", tok_edit(lambda t: t.update(pre_tokenizer={"type": "Split"})),
      ["tokenizer.json", "Split"]),
     ("tok-duplicate-ids", "qwen", tok_edit(dup_vocab_id), ["tokenizer.json", "given to both"]),
