@@ -1203,7 +1203,7 @@ class Progress:
 def record_prompt(tok: Tokenizer, rec: dict, chat: bool = True) -> str:
     """The prompt text for a record: its own "prompt" if it has one, else the math template in the chat format."""
     if "prompt" in rec:
-        return rec["prompt"]
+        return str(rec["prompt"])  # (a JSON number is a prompt too; the loaders have checked it is a scalar)
     text = grader.math_prompt(rec["question"])
     return tok.chat(text) if chat else text
 
