@@ -839,9 +839,8 @@ class Tokenizer:
         self.path = path
         if not os.path.lexists(path):
             raise SwarrError(f"{path}: tokenizer file not found")
-        tj = read_json(path)
-        with open(path, encoding="utf-8") as f:
-            self.json_text = f.read()
+        self.json_text = read_text(path)
+        tj = read_json(path, self.json_text)
         check_tokenizer_json(tj, path)
         model = tj["model"]
         if model.get("type") != "BPE":
@@ -919,8 +918,8 @@ class Tokenizer:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def read_json(path: str) -> dict:
-    """The JSON object in the regular file `path`, or one SwarrError naming the file. The file is opened
+def read_text(path: str) -> str:
+    """The UTF-8 text of the regular file `path`, or one SwarrError naming the file. The file is opened
     non-blocking and checked to be a regular file before reading: a FIFO would otherwise block forever."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
@@ -933,15 +932,21 @@ def read_json(path: str) -> dict:
         raise SwarrError(f"{path}: not a regular file")
     with open(fd, "rb") as f:
         try:
-            data = json.loads(f.read().decode("utf-8"))
+            return f.read().decode("utf-8")
         except UnicodeDecodeError as e:
             raise SwarrError(f"{path}: not UTF-8 text (byte {e.start})") from None
-        except json.JSONDecodeError as e:
-            raise SwarrError(f"{path}: malformed JSON ({e})") from None
-        except RecursionError:
-            raise SwarrError(f"{path}: JSON nested too deeply") from None
-        except OSError as e:  # e.g. a folder opened on a platform that allows it
+        except OSError as e:
             raise SwarrError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def read_json(path: str, text: str | None = None) -> dict:
+    """The JSON object in the file `path` (or in its `text`, already read), or one SwarrError naming the file."""
+    try:
+        data = json.loads(read_text(path) if text is None else text)
+    except json.JSONDecodeError as e:
+        raise SwarrError(f"{path}: malformed JSON ({e})") from None
+    except RecursionError:
+        raise SwarrError(f"{path}: JSON nested too deeply") from None
     if not isinstance(data, dict):
         raise SwarrError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
