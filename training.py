@@ -1,9 +1,10 @@
 """The plumbing both training stages share, so that train_sft.py and train_rl.py read as their algorithms.
 
     flags         common_args          the options of both scripts (model, window, data, output, device, resume)
+    checks        check_args, open_out every flag and the output folder (refuse to overwrite, lock), before work
     data          read_records, split_held_out, collate
     model         load_model, apply_window, frozen_copy
-    the step      autocast, make_optimizer, lr_at, check_finite, optimizer_step
+    the step      autocast, make_optimizer, lr_at, check_finite, optimizer_step (NaN/inf stop the run)
     records       Recorder             lines for people, one JSON dict per event for programs (out/log.jsonl)
     checkpoints   save_checkpoint, save_if_due, restore
 
