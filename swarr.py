@@ -921,6 +921,8 @@ def load(path: str, dtype=torch.float32, device="cpu") -> tuple[Transformer, Tok
     """Load a local HF model folder: config.json, safetensors weights, tokenizer.json. Each tensor is read
     from disk straight into its parameter (no second full copy of the model is ever held)."""
     dtype = DTYPES.get(dtype, dtype)
+    if not path:
+        raise SwarrError("no model folder given (--model)")
     recover(path, clean=False)  # a save interrupted at its switch leaves `path` missing for an instant: finish it
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isdir(path):
@@ -1069,10 +1071,14 @@ def save(model: Transformer, tok: Tokenizer, path: str, extra_files: dict[str, s
 
     Atomic at every instant (see recover above): `path` becomes a symlink to the complete folder `.NAME.vN`
     beside it. Load the checkpoint through `path`, with swarr.load or transformers' from_pretrained."""
-    path = os.path.abspath(path.rstrip("/") or "/")
+    if not path or not os.path.basename(os.path.abspath(path)):
+        raise SwarrError(f"save: {path!r} is not a folder name")
+    path = os.path.abspath(path.rstrip("/"))
     parent, name = os.path.split(path)
-    if os.path.lexists(path) and not os.path.isdir(path):
-        raise SwarrError(f"{path}: exists and is not a checkpoint folder")
+    plain = os.path.isdir(path) and not os.path.islink(path)
+    if os.path.lexists(path) and not os.path.isdir(path) or \
+            plain and not os.path.isfile(os.path.join(path, "config.json")):  # never replace a folder of other files
+        raise SwarrError(f"{path}: exists and is not a checkpoint folder (no config.json); not replacing it")
     os.makedirs(parent, exist_ok=True)
     recover(path)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()

@@ -184,7 +184,7 @@ def read_records(path: str | None, flag: str = "--data") -> list[dict]:
     """Records from a GSM8K / MATH / JSONL file, with one clear error for each way that can fail."""
     if not path:
         raise swarr.SwarrError(f"{flag} is required when no data is passed in")
-    if not os.path.isfile(path):
+    if not os.path.exists(path):  # (a folder or FIFO is refused by grader, with one line)
         raise swarr.SwarrError(f"{path}: data file not found")
     try:
         records = grader.load_dataset(path)

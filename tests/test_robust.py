@@ -377,3 +377,16 @@ def test_recover_links_the_newest_version_and_cleans_leftovers(ckpts, tmp_path):
     swarr.load(str(out))
     import transformers  # the folder users name is `out`; transformers follows the symlink
     transformers.AutoConfig.from_pretrained(out)
+
+
+def test_save_never_replaces_a_folder_that_is_not_a_checkpoint(ckpts, tmp_path):
+    model, tok = swarr.load(str(ckpts["LlamaForCausalLM"]))
+    other = tmp_path / "project"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(swarr.SwarrError, match="not a checkpoint folder"):
+        swarr.save(model, tok, str(other))
+    assert os.listdir(other) == ["notes.txt"] and os.listdir(tmp_path) == ["project"]
+    for bad in ("", "/"):
+        with pytest.raises(swarr.SwarrError, match="not a folder name"):
+            swarr.save(model, tok, bad)

@@ -11,7 +11,7 @@ import torch
 import swarr
 import train_rl
 import train_sft
-from test_robust import assert_one_error, cli
+from test_robust import assert_one_error, bad_data, cli
 
 torch.set_num_threads(2)
 
@@ -162,3 +162,16 @@ def test_overwrite_replaces_a_run_and_its_log(sft_run, tmp_path, capsys):
     assert log and not log.startswith(old_log)
     assert json.load(open(run / "model" / "train_config.json"))["step"] == 1
     assert [f.name for f in run.glob("trainer_state-*.pt")] == ["trainer_state-1.pt"]
+
+
+@pytest.mark.parametrize("name,words", [("deep.jsonl", ["deep.jsonl:2", "nested"]),
+                                        ("latin1.jsonl", ["latin1.jsonl:2", "UTF-8"]),
+                                        ("folder.jsonl", ["folder.jsonl", "not a regular file"]),
+                                        ("fifo.jsonl", ["fifo.jsonl", "not a regular file"])])
+@pytest.mark.parametrize("script", ["sft", "rl"])
+def test_bad_data_file_is_one_error_line(sft_run, tmp_path, capsys, script, name, words):
+    ckpt, _, _ = sft_run
+    main = train_sft.main if script == "sft" else train_rl.main
+    code, err = cli(capsys, ["--model", ckpt, "--data", bad_data(tmp_path, name), "--out", str(tmp_path / "o")], main)
+    assert_one_error(code, err, *words)
+    assert not (tmp_path / "o").exists()
