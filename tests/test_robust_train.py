@@ -175,3 +175,15 @@ def test_bad_data_file_is_one_error_line(sft_run, tmp_path, capsys, script, name
     code, err = cli(capsys, ["--model", ckpt, "--data", bad_data(tmp_path, name), "--out", str(tmp_path / "o")], main)
     assert_one_error(code, err, *words)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_real_process_exits_2_at_once(sft_run, tmp_path):
+    """The same refusal as above, from a separate process: status 2, one line, no hang (--batch-size -1 once
+    looped forever)."""
+    import subprocess
+    import sys
+    ckpt, data, _ = sft_run
+    r = subprocess.run([sys.executable, train_sft.__file__, "--model", ckpt, "--data", data, "--out",
+                        str(tmp_path / "o"), "--batch-size", "-1"], capture_output=True, text=True, timeout=120)
+    assert_one_error(r.returncode, r.stderr, "--batch-size")
+    assert not (tmp_path / "o").exists()
