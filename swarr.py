@@ -1107,10 +1107,11 @@ def save(model: Transformer, tok: Tokenizer, path: str, extra_files: dict[str, s
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _fsync(parent)
-    if os.path.isdir(path) and not os.path.islink(path):  # a plain folder (another tool wrote it): it becomes
-        os.rename(path, os.path.join(parent, f".{name}.v0"))  # version 0; `path` is missing until _link (and
-    _link(path, version)                                      # recover() links the newest version if cut here)
+    if plain:  # a checkpoint folder another tool wrote becomes version 0; `path` is missing until _link below
+        os.rename(path, os.path.join(parent, f".{name}.v0"))  # (if cut there, recover() links the newest version)
+    _link(path, version)
     recover(path)  # the previous version goes
+
 
 # =====================================================================================================
 # eval: batched generation + grading, with a summary and one JSONL row per completion
