@@ -51,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 import swarr  # noqa: E402
 
 STAGES = ("env", "build", "correct", "speed", "decode", "flex", "pytest")
+SKIPPABLE = STAGES[2:]
 TARGET = dict(N=32768, W=4096)  # the size of the speed target: forward >= 3x SDPA flash causal
 LSE_BOUND = 1e-4                 # lse is float32 in every implementation: a fixed bound on its absolute error
 
@@ -65,14 +66,13 @@ def parse_args(argv=None):
                    "(default: $OUT, else the current folder)")
     p.add_argument("--budget", type=float, default=420.0, help="seconds for the whole check; a stage that would "
                    "start too late is skipped and says so (default 420, for a 450 s timeout)")
-    p.add_argument("--skip", default="", help=f"comma-separated stages to leave out: {', '.join(STAGES[1:])}")
+    p.add_argument("--skip", default="", help=f"comma-separated stages to leave out: {', '.join(SKIPPABLE)}")
     p.add_argument("--flex-worker", action="store_true", help=argparse.SUPPRESS)  # the flex stage's subprocess
     a = p.parse_args(argv)
     a.skip = {s for s in a.skip.split(",") if s}
-    unknown = a.skip - set(STAGES[1:])
+    unknown = a.skip - set(SKIPPABLE)
     if unknown:
-        raise swarr.SwarrError(f"--skip: unknown stage(s) {', '.join(sorted(unknown))}; "
-                               f"choose from {', '.join(STAGES[1:])}")
+        raise swarr.SwarrError(f"--skip: cannot skip {', '.join(sorted(unknown))}; choose from {', '.join(SKIPPABLE)}")
     if not (a.budget > 0 and math.isfinite(a.budget)):
         raise swarr.SwarrError(f"--budget must be a positive number of seconds, got {a.budget}")
     return a
@@ -514,8 +514,10 @@ def stage_env(device):
     info = {"device": p.name, "capability": f"{p.major}.{p.minor}", "sms": p.multi_processor_count,
             "memory_GiB": round(p.total_memory / 2 ** 30, 1), "torch": torch.__version__,
             "torch_cuda": torch.version.cuda, "SWARR_CUDA_REF_OPS": os.environ.get("SWARR_CUDA_REF_OPS", "")}
+    from torch.utils.cpp_extension import CUDA_HOME
     try:
-        r = subprocess.run(["nvcc", "--version"], capture_output=True, text=True, timeout=30)
+        nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else "nvcc"
+        r = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=30)
         info["nvcc"] = r.stdout.strip().splitlines()[-1] if r.returncode == 0 else None
     except (OSError, subprocess.TimeoutExpired) as e:
         info["nvcc"] = f"unavailable: {e}"
@@ -633,10 +635,11 @@ def summary(res: dict) -> list[str]:
     return lines
 
 
-def run_stage(rep: Report, skip, name: str, need_s: float, fn):
-    """Run one stage unless skipped or out of budget; record its result (or its error) and save the report."""
+def run_stage(rep: Report, skip: dict, name: str, need_s: float, fn):
+    """Run one stage unless skipped (skip: stage -> reason) or out of budget; record its result (or its error) and
+    save the report."""
     if name in skip:
-        rep.set(name, {"status": "skipped (--skip)"})
+        rep.set(name, {"status": f"skipped ({skip[name]})"})
         return None
     if rep.left() < need_s:
         rep.set(name, {"status": f"skipped: {rep.left():.0f} s of budget left, the stage needs ~{need_s:.0f} s"})
@@ -663,7 +666,8 @@ def main(argv=None):
     rep, device = Report(a.out, a.budget), "cuda"
     for f in ("flex.ready", "flex.go", "flex.json"):
         (rep.dir / f).unlink(missing_ok=True)
-    run_stage(rep, a.skip, "env", 0, lambda: stage_env(device))
+    skip = {s: "--skip" for s in a.skip}
+    run_stage(rep, skip, "env", 0, lambda: stage_env(device))
     flex_proc = None
     if "flex" not in a.skip:  # compiles while the build runs; times only after the speed and decode stages
         flex_budget = max(10.0, rep.left() - 90)
@@ -671,9 +675,9 @@ def main(argv=None):
         flex_proc = subprocess.Popen([sys.executable, __file__, "--flex-worker", "--out", str(rep.dir), "--budget",
                                       str(flex_budget)], cwd=ROOT, stdout=flex_log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
-    build = run_stage(rep, a.skip, "build", 60, lambda: stage_build(rep, min(240.0, rep.left() - 30)))
-    have_ext = bool(build and build.get("cuda"))
-    skip = set(a.skip) | (set() if have_ext else {"correct", "speed", "decode"})
+    build = run_stage(rep, skip, "build", 60, lambda: stage_build(rep, min(240.0, rep.left() - 30)))
+    if not (build and build.get("cuda")):
+        skip.update({s: "no CUDA extension" for s in ("correct", "speed", "decode") if s not in skip})
     run_stage(rep, skip, "correct", 40, lambda: stage_correct(device))
     if flex_proc is not None:  # let its compilation finish before timing anything (bounded wait)
         t_end = time.time() + min(60.0, max(0.0, rep.left() - 150))
@@ -695,10 +699,10 @@ def main(argv=None):
             out = json.loads(f.read_text()) if f.exists() else {"error": "no flex.json (flex.log)"}
             out["exit"] = flex_proc.returncode
             return out
-        run_stage(rep, set(), "flex", 0, collect)
+        run_stage(rep, {}, "flex", 0, collect)
     else:
         rep.set("flex", {"status": "skipped (--skip)"})
-    run_stage(rep, a.skip, "pytest", 30, lambda: stage_pytest(rep, min(180.0, rep.left() - 5)))
+    run_stage(rep, skip, "pytest", 30, lambda: stage_pytest(rep, min(180.0, rep.left() - 5)))
     lines = summary(rep.data)
     rep.set("summary", lines)
     print("\n".join(lines))

@@ -43,7 +43,7 @@ def test_parse_args(monkeypatch, tmp_path):
     assert a.out == str(tmp_path) and a.budget == 420 and a.skip == set() and not a.flex_worker
     a = gc.parse_args(["--out", "x", "--budget", "100", "--skip", "flex,pytest"])
     assert a.out == "x" and a.budget == 100 and a.skip == {"flex", "pytest"}
-    for bad in (["--skip", "flex,speeed"], ["--skip", "env"], ["--budget", "0"], ["--budget", "nan"]):
+    for bad in (["--skip", "flex,speeed"], ["--skip", "build"], ["--budget", "0"], ["--budget", "nan"]):
         with pytest.raises(swarr.SwarrError):
             gc.parse_args(bad)
 
