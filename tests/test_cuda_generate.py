@@ -23,13 +23,23 @@ def backend():
 
 
 class CountingStep(swarr.CudaGraphStep if torch.cuda.is_available() else object):
-    """CudaGraphStep that counts its graph replays (the test must show the graph was used, not only built)."""
+    """swarr.CudaGraphStep, counting its graph replays (the test must show the graph was used, not only built)."""
     replays = 0
 
     def __call__(self, tok):
         if self.graph is not None:
             CountingStep.replays += 1
         return super().__call__(tok)
+
+
+class EagerStep:
+    """The same decode step without a CUDA graph: the model's forward on the caches, every step."""
+
+    def __init__(self, model, caches, B):
+        self.model, self.caches = model, caches
+
+    def __call__(self, tok):
+        return self.model(tok[:, None], caches=self.caches)[:, -1]
 
 
 def tiny_model(dtype=torch.float32, head_dim=16):
@@ -39,24 +49,25 @@ def tiny_model(dtype=torch.float32, head_dim=16):
     return swarr.Transformer(cfg).to(device="cuda", dtype=dtype).eval()
 
 
-def run(model, backend_name, graph, new_tokens=30):
-    """Greedy tokens (B, T) and the final caches, through prefill + decode_loop."""
+def run(model, backend_name, graph, monkeypatch, new_tokens=30):
+    """Greedy tokens (B, T) and the final caches, through prefill + decode_loop, the step replayed from a CUDA graph
+    (graph=True) or run eagerly."""
+    monkeypatch.setattr(swarr, "CudaGraphStep", CountingStep if graph else EagerStep)
     swarr.set_backend(backend_name)
     caches = swarr.make_caches(model, len(PROMPTS), max(map(len, PROMPTS)) + new_tokens)
     logits = swarr.prefill(model, PROMPTS, caches)
-    g = swarr.decode_loop(model, caches, logits, new_tokens, cuda_graph=graph)
+    g = swarr.decode_loop(model, caches, logits, new_tokens)
     return g.tokens, g.caches
 
 
 def test_graph_eager_and_reference_agree(backend, monkeypatch):
-    monkeypatch.setattr(swarr, "CudaGraphStep", CountingStep)
     model = tiny_model()
     assert swarr.load_extension() is not None and swarr._EXT["cuda"], swarr._EXT.get("why")
     runs = {}
     for name in ("ref", "ext"):
         for graph in (False, True):
             CountingStep.replays = 0
-            runs[name, graph] = run(model, name, graph)
+            runs[name, graph] = run(model, name, graph, monkeypatch)
             assert (CountingStep.replays > 20) == graph  # 30 tokens: 2 eager steps, then replays
     tokens = runs["ref", False][0]
     assert tokens.shape == (3, 30)
@@ -82,12 +93,12 @@ def test_generate_matches_a_row_by_row_run(backend):
                                                                                  alone.tokens[0])
 
 
-def test_bf16_tensor_core_prefill_graph_vs_eager(backend):
+def test_bf16_tensor_core_prefill_graph_vs_eager(backend, monkeypatch):
     """bf16 with head dim 64 (the tensor-core forward in prefill): graph and eager decoding give identical tokens,
     and the prefill logits agree with the reference backend to bf16 accuracy."""
     model = tiny_model(torch.bfloat16, head_dim=64)
-    t_graph, _ = run(model, "ext", True)
-    t_eager, _ = run(model, "ext", False)
+    t_graph, _ = run(model, "ext", True, monkeypatch)
+    t_eager, _ = run(model, "ext", False, monkeypatch)
     assert torch.equal(t_graph, t_eager)
     logits = {}
     for name in ("ext", "ref"):
