@@ -96,7 +96,10 @@ class Report:
 
     def __init__(self, out: str, budget: float):
         self.dir = Path(out)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise swarr.SwarrError(f"--out {out}: cannot create the folder ({e.strerror})") from None
         self.path = self.dir / "gpu_check.json"
         self.t0, self.budget = time.time(), budget
         self.data = {"command": "python3 csrc/gpu_check.py", "budget_s": budget}

@@ -164,6 +164,9 @@ def test_speed_decode_and_summary_on_cpu(ops, tmp_path):
     assert {r["kind"] for r in dec["kernel"]} == {"ring W", "full context"}
     assert len(dec["model"]) == 4 and all(r["ms_per_token"] > 0 for r in dec["model"])
 
+    (tmp_path / "file").write_text("")
+    with pytest.raises(swarr.SwarrError, match="--out"):
+        gc.Report(str(tmp_path / "file" / "out"), budget=100)
     rep = gc.Report(str(tmp_path / "out"), budget=100)
     rep.set("speed", speed)
     rep.set("decode", dec)
