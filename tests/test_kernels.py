@@ -360,3 +360,109 @@ def test_cuda_glue_compiles(tmp_path):
     r = subprocess.run(args + [str(csrc / "swa_cuda.cpp"), "-o", str(tmp_path / "glue.o")], capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building: the library's name, the CUDA fallback and its reason; the per-op choice of backend
+
+
+def test_build_name_keys_the_gpu_and_cuda_version(monkeypatch):
+    """A build folder shared between machines never hands a library to another GPU architecture, another CUDA
+    version or another TORCH_CUDA_ARCH_LIST."""
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    h100 = swarr._build_name(True)
+    assert h100.endswith("_cuda_sm90_cu128") and swarr._build_name(False) == h100.split("_cuda")[0]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    assert swarr._build_name(True).endswith("_cuda_sm80_cu128")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    assert swarr._build_name(True).endswith("_cuda_sm80_cu130")
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    assert swarr._build_name(True).split("_cuda")[0] != h100.split("_cuda")[0]
+
+
+def _fake_nvcc(tmp_path, release):
+    """A CUDA_HOME whose bin/nvcc prints the version banner of CUDA `release`."""
+    nvcc = tmp_path / f"cuda{release}" / "bin" / "nvcc"
+    nvcc.parent.mkdir(parents=True)
+    nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {release}, V{release}.88'\n")
+    nvcc.chmod(0o755)
+    return type("cpp_extension", (), {"CUDA_HOME": str(nvcc.parent.parent)})
+
+
+def test_cuda_plan_says_why_it_falls_back(monkeypatch, tmp_path):
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    ext13 = _fake_nvcc(tmp_path, "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert swarr._cuda_plan(ext13) == (False, "")  # no GPU: nothing to fall back from, nothing to say
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    assert swarr._cuda_plan(ext13) == (True, "")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
+    ok, why = swarr._cuda_plan(ext13)
+    assert not ok and "sm_80" in why and "sm_75" in why
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "7.0;9.0+PTX")
+    ok, why = swarr._cuda_plan(ext13)
+    assert not ok and "TORCH_CUDA_ARCH_LIST='7.0;9.0+PTX'" in why
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0 9.0")
+    assert swarr._cuda_plan(ext13) == (True, "")
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    ok, why = swarr._cuda_plan(ext13)
+    assert not ok and "nvcc is CUDA 13.x" in why and "12.8" in why
+    assert swarr._cuda_plan(_fake_nvcc(tmp_path, "12.6")) == (True, "")
+    ok, why = swarr._cuda_plan(type("cpp_extension", (), {"CUDA_HOME": None}))
+    assert not ok and "nvcc" in why
+
+
+def test_cuda_fallback_prints_its_reason_once(ops):
+    """A GPU the kernels cannot use: the CPU kernels still load, CUDA tensors take the reference, and one line on
+    stderr says why, however often the extension is asked for."""
+    script = ("import torch, swarr\n"
+              "torch.cuda.is_available = lambda: True\n"
+              "torch.cuda.get_device_capability = lambda *a: (7, 0)\n"
+              "for _ in range(3):\n"
+              "    assert swarr.load_extension() is not None\n"
+              "assert swarr.backend_name() == 'ext' and swarr._EXT['cuda'] is False\n"
+              "print(swarr._EXT['name'])\n")
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("swarr:")]
+    assert len(lines) == 1 and "CUDA kernels not built" in lines[0] and "sm_70" in lines[0], r.stderr
+    assert "_cuda" not in r.stdout
+
+
+def test_ref_ops_send_single_ops_to_the_reference(ops, backend, monkeypatch):
+    """SWARR_CUDA_REF_OPS's mechanism (exercised here on the CPU's entry): under auto, each named op takes the
+    reference and the others keep the extension; results agree either way; an unknown op name is refused."""
+    calls = []
+    for fn in ("attention_ref", "decode_ref"):
+        real = getattr(swarr, fn)
+        monkeypatch.setattr(swarr, fn, lambda *a, real=real, fn=fn, **k: calls.append(fn) or real(*a, **k))
+    q, k, v = qkv(1, 4, 2, 30, 8, grad=True)
+    dout = torch.randn_like(q)
+    swarr.set_backend("auto")
+    out = swarr.attention(q, k, v, 7)
+    ext_grads = torch.autograd.grad(out, (q, k, v), dout)
+    assert calls == []
+    monkeypatch.setitem(swarr._REF_OPS, "cpu", {"bwd"})
+    out2 = swarr.attention(q, k, v, 7)
+    assert calls == [] and torch.equal(out, out2)  # the forward is still the extension's
+    grads = torch.autograd.grad(out2, (q, k, v), dout)
+    assert calls == ["attention_ref"]  # the backward went through the reference
+    assert all(rel_err(a, b) < 1e-12 for a, b in zip(grads, ext_grads))
+    monkeypatch.setitem(swarr._REF_OPS, "cpu", {"fwd", "decode"})
+    calls.clear()
+    swarr.attention(q, k, v, 7)
+    _, _, k_cache, v_cache, valid = ring_caches([3, 9], 5, 2, 8)
+    swarr.decode(torch.randn(2, 4, 8, dtype=torch.float64), k_cache, v_cache, valid)
+    assert calls == ["attention_ref", "decode_ref"]
+    swarr.set_backend("ext")  # an explicit backend overrides the per-op choice
+    calls.clear()
+    swarr.attention(q, k, v, 7)
+    assert calls == []
+    monkeypatch.setitem(swarr._REF_OPS, "cuda", {"bwd", "backward"})
+    with pytest.raises(swarr.SwarrError, match="SWARR_CUDA_REF_OPS"):
+        swarr.set_backend("auto")
