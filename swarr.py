@@ -1037,8 +1037,11 @@ def _cuda_plan(cpp_extension) -> tuple[bool, str]:
     if not torch.cuda.is_available():
         return False, ""
     cc, archs = torch.cuda.get_device_capability(), os.environ.get("TORCH_CUDA_ARCH_LIST", "")
-    if cc < (8, 0) or any(float(a) < 8 for a in re.findall(r"\d+\.\d+", archs)):  # cp.async, bf16 tensor cores
+    listed = [tuple(map(int, a.split("."))) for a in re.findall(r"\d+\.\d+", archs)]
+    if cc < (8, 0) or any(a < (8, 0) for a in listed):  # cp.async, bf16 tensor cores
         return False, f"they need sm_80 or newer; this GPU is sm_{cc[0]}{cc[1]}, TORCH_CUDA_ARCH_LIST={archs!r}"
+    if listed and "PTX" not in archs and not any(a[0] == cc[0] and a <= cc for a in listed):  # no code it can run
+        return False, f"TORCH_CUDA_ARCH_LIST={archs!r} builds no code this GPU (sm_{cc[0]}{cc[1]}) can run"
     nvcc = os.path.join(cpp_extension.CUDA_HOME or "", "bin", "nvcc")
     try:
         out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout

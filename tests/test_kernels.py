@@ -409,6 +409,16 @@ def test_cuda_plan_says_why_it_falls_back(monkeypatch, tmp_path):
     assert not ok and "TORCH_CUDA_ARCH_LIST='7.0;9.0+PTX'" in why
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0 9.0")
     assert swarr._cuda_plan(ext13) == (True, "")
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;8.6")  # sm_8x code does not run on sm_90
+    ok, why = swarr._cuda_plan(ext13)
+    assert not ok and "no code this GPU (sm_90) can run" in why
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0+PTX")  # PTX: the driver compiles it for the GPU
+    assert swarr._cuda_plan(ext13) == (True, "")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 9))
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;8.6")  # within a major version, older code runs
+    assert swarr._cuda_plan(ext13) == (True, "")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
     monkeypatch.setattr(torch.version, "cuda", "12.8")
     ok, why = swarr._cuda_plan(ext13)
     assert not ok and "nvcc is CUDA 13.x" in why and "12.8" in why
