@@ -38,6 +38,7 @@ import bench
 import swarr
 import train_rl
 import train_sft
+import training
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "data"))
@@ -99,8 +100,8 @@ def task(args, tok, cfg):
     """(sft_pairs, rl_problems, test_records) for the synthetic task, or for --data (a GSM8K/MATH/JSONL file)."""
     n_test = args.n_test or (100 if args.quick else 200)
     if args.data:
-        recs = train_sft.read_records(args.data)
-        train, test = train_sft.split_held_out(recs, n_test / len(recs), args.seed)
+        recs = training.read_records(args.data)
+        train, test = training.split_held_out(recs, n_test / len(recs), args.seed)
         train = train[:args.n_train]
         sft = [train_sft.sft_pair(tok, cfg, r) for r in train]
         problems = [{"prompt": swarr.record_prompt(tok, r), "answer": r["answer"], "split": "train"} for r in train]
