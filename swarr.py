@@ -17,6 +17,7 @@ import platform
 import re
 import shutil
 import stat
+import subprocess
 import sys
 import tempfile
 import time
@@ -414,6 +415,9 @@ def decode_ref(q, k_cache, v_cache, valid, scale: float | None = None) -> torch.
 # backend (set_backend does the same); SWARR_POISON=1 makes the kernels NaN-fill their outputs before writing
 # them (tests use it to catch unwritten elements).
 _BACKEND = os.environ.get("SWARR_BACKEND", "auto")
+# Under auto, the ops named in SWARR_CUDA_REF_OPS (fwd, bwd, decode; default none) take the reference on CUDA:
+# csrc/gpu_check.py times both paths per op and prints the setting that picks the faster one of each.
+_REF_OPS = {"cuda": {op for op in os.environ.get("SWARR_CUDA_REF_OPS", "").split(",") if op}}
 
 
 def set_backend(name: str):
@@ -421,6 +425,8 @@ def set_backend(name: str):
     global _BACKEND
     if name not in ("auto", "ext", "ref"):
         raise SwarrError(f"unknown attention backend {name!r}: use auto, ext or ref")
+    if _REF_OPS["cuda"] - {"fwd", "bwd", "decode"}:
+        raise SwarrError(f"SWARR_CUDA_REF_OPS={','.join(sorted(_REF_OPS['cuda']))}: name ops among fwd, bwd, decode")
     if name == "ext" and load_extension() is None:
         raise SwarrError(f"the compiled attention extension is unavailable: {_EXT['why']}")
     _BACKEND = name
@@ -433,9 +439,14 @@ def backend_name() -> str:
     return "ref" if _BACKEND == "ref" or load_extension() is None else "ext"
 
 
-def _ext_dtype(t: torch.Tensor):
-    """The dtype the extension computes t's dtype in on t's device, or None: use the reference."""
-    if _BACKEND == "ref" or load_extension() is None:
+def _ref_op(op: str, t: torch.Tensor) -> bool:
+    """Does `op` take the reference for tensors on t's device, by SWARR_CUDA_REF_OPS (under the auto backend)?"""
+    return _BACKEND == "auto" and op in _REF_OPS.get(t.device.type, ())
+
+
+def _ext_dtype(t: torch.Tensor, op: str):
+    """The dtype the extension computes t's dtype in on t's device for `op`, or None: use the reference."""
+    if _BACKEND == "ref" or _ref_op(op, t) or load_extension() is None:
         return None
     if t.device.type == "cpu":  # float32 kernels (float64 for checking); 16-bit inputs are computed in float32
         return t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
@@ -458,6 +469,10 @@ class _WindowedAttention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
+        if _ref_op("bwd", q):  # the reference's backward: autograd through SDPA, recomputing the forward
+            with torch.enable_grad():
+                qkv = [t.detach().requires_grad_() for t in (q, k, v)]
+                return *torch.autograd.grad(attention_ref(*qkv, ctx.window, ctx.scale), qkv, dout), None, None
         dq, dk, dv = torch.ops.swarr.bwd(dout.contiguous(), q, k, v, out, lse, ctx.window, ctx.scale)
         return dq, dk, dv, None, None
 
@@ -465,7 +480,7 @@ class _WindowedAttention(torch.autograd.Function):
 def attention(q, k, v, window: int | None, scale: float | None = None) -> torch.Tensor:
     """Windowed causal attention (differentiable), same contract as attention_ref:
     q (B,Hq,N,D), k/v (B,Hkv,N,D) -> (B,Hq,N,D); window None = full causal attention."""
-    dt = _ext_dtype(q)
+    dt = _ext_dtype(q, "fwd")
     if dt is None:
         return attention_ref(q, k, v, window, scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
@@ -477,7 +492,7 @@ def attention(q, k, v, window: int | None, scale: float | None = None) -> torch.
 def decode(q, k_cache, v_cache, valid, scale: float | None = None) -> torch.Tensor:
     """One-token attention over a cache, same contract as decode_ref: q (B,Hq,D), caches (B,Hkv,S,D),
     valid (B,) = number of filled slots per row (1 <= valid <= S) -> (B,Hq,D)."""
-    dt = _ext_dtype(q)
+    dt = _ext_dtype(q, "decode")
     if dt is None:
         return decode_ref(q, k_cache, v_cache, valid, scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
@@ -1372,18 +1387,44 @@ def main(argv=None):
 # appendix: plumbing. Building and loading the compiled extension; the CUDA-graph decode step.
 # =====================================================================================================
 _ROOT = os.path.dirname(os.path.abspath(__file__))
-_EXT: dict = {}  # filled by load_extension: {"ops": torch.ops.swarr or None, "cuda": bool, "why": str}
+_EXT: dict = {}  # filled by load_extension: {"ops": torch.ops.swarr or None, "cuda": bool, "why": str, "name": str}
 
 
 def _build_name(with_cuda: bool) -> str:
-    """Library name, unique per CPU + torch version: the CPU code is built with -march=native, so a build folder
-    shared between machines must never hand one processor a library compiled for another."""
+    """Library name, unique per CPU + torch version, and with CUDA per GPU architecture + torch's CUDA version: the
+    CPU code is built with -march=native and the CUDA code for one GPU, so a build folder shared between machines
+    must never hand one a library compiled for another."""
     cpu = platform.processor()
     if os.path.exists("/proc/cpuinfo"):  # Linux: the model name and the instruction-set flags
         with open("/proc/cpuinfo") as f:
             cpu = "".join(sorted({line for line in f if line.startswith(("model name", "flags", "Features"))}))
-    tag = hashlib.sha1(f"{cpu}|{platform.machine()}|{torch.__version__}".encode()).hexdigest()[:10]
-    return f"swarr_ext_{tag}" + ("_cuda" if with_cuda else "")
+    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+    tag = hashlib.sha1(f"{cpu}|{platform.machine()}|{torch.__version__}|{arch_list}".encode()).hexdigest()[:10]
+    if not with_cuda:
+        return f"swarr_ext_{tag}"
+    major, minor = torch.cuda.get_device_capability()
+    return f"swarr_ext_{tag}_cuda_sm{major}{minor}_cu{(torch.version.cuda or '').replace('.', '')}"
+
+
+def _cuda_plan(cpp_extension) -> tuple[bool, str]:
+    """(build the CUDA kernels?, why not): a one-line reason whenever a GPU is there but they cannot be built."""
+    if not torch.cuda.is_available():
+        return False, ""
+    cc, archs = torch.cuda.get_device_capability(), os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+    listed = [tuple(map(int, a.split("."))) for a in re.findall(r"\d+\.\d+", archs)]
+    if cc < (8, 0) or any(a < (8, 0) for a in listed):  # cp.async, bf16 tensor cores
+        return False, f"they need sm_80 or newer; this GPU is sm_{cc[0]}{cc[1]}, TORCH_CUDA_ARCH_LIST={archs!r}"
+    if listed and "PTX" not in archs and not any(a[0] == cc[0] and a <= cc for a in listed):  # no code it can run
+        return False, f"TORCH_CUDA_ARCH_LIST={archs!r} builds no code this GPU (sm_{cc[0]}{cc[1]}) can run"
+    nvcc = os.path.join(cpp_extension.CUDA_HOME or "", "bin", "nvcc")
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+        release = re.search(r"release (\d+)\.", out).group(1)
+    except (OSError, subprocess.SubprocessError, AttributeError):
+        return False, f"no working nvcc at {nvcc!r} (set CUDA_HOME)"
+    if release != (torch.version.cuda or "").split(".")[0]:  # torch's build refuses other CUDA major versions
+        return False, f"nvcc is CUDA {release}.x but torch was built with CUDA {torch.version.cuda}"
+    return True, ""
 
 
 def load_extension():
@@ -1392,9 +1433,9 @@ def load_extension():
     if _EXT:
         return _EXT["ops"]
     from torch.utils import cpp_extension  # imported on first use: it brings in setuptools (~0.5 s)
-    with_cuda = (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
-                 and cpp_extension.CUDA_HOME is not None
-                 and os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")))
+    with_cuda, no_cuda_why = _cuda_plan(cpp_extension)
+    if no_cuda_why:  # the CPU kernels are still built; CUDA tensors take the reference
+        print(f"swarr: CUDA kernels not built: {no_cuda_why}; CUDA tensors use the PyTorch reference", file=sys.stderr)
     name = _build_name(with_cuda)
     build_dir = os.path.join(_ROOT, "build", name)
     sources = [os.path.join(_ROOT, "csrc", "swa_cpu.cpp")]
@@ -1414,7 +1455,7 @@ def load_extension():
         cpp_extension.load(name=name, sources=sources, build_directory=build_dir, with_cuda=with_cuda,
                            extra_cflags=cflags, extra_ldflags=["-fopenmp"], extra_cuda_cflags=["-O3", "-lineinfo"],
                            is_python_module=False)
-        _EXT.update(ops=torch.ops.swarr, cuda=with_cuda, why="")
+        _EXT.update(ops=torch.ops.swarr, cuda=with_cuda, why=no_cuda_why, name=name)
     except Exception as e:  # a failed build must never stop the library: the reference computes the same thing
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         why = next((ln for ln in lines if "error:" in ln), lines[0] if lines else type(e).__name__)  # 1st diagnostic
