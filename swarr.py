@@ -1,7 +1,8 @@
 """SWARR: convert a pretrained transformer to sliding-window attention, then win back its accuracy with RL.
 
 One file, meant to be read top to bottom: config -> model -> attention backends -> KV caches and generation
--> tokenizer and checkpoint I/O -> math answers -> eval -> command line. See README.md.
+-> checkpoint I/O -> eval -> command line. The tokenizer and chat templates live in tokenizer.py, math answers in
+grader.py. See README.md.
 """
 from __future__ import annotations
 
@@ -9,15 +10,12 @@ import argparse
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import tempfile
 import time
-import unicodedata
 from dataclasses import dataclass, field
 
-import tiktoken
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -25,10 +23,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import grader
+from tokenizer import SwarrError, Tokenizer  # tokenizer.json (byte-level or SentencePiece BPE), chat templates
 
 
-class SwarrError(Exception):
-    """A user-facing error: the command line prints its message as one line and exits with status 2."""
 
 
 # =====================================================================================================
@@ -618,121 +615,6 @@ class CudaGraphStep:
 
 
 # =====================================================================================================
-# tokenizer: a HF tokenizer.json (byte-level BPE) as a tiktoken.Encoding, built offline
-# =====================================================================================================
-GPT2_SPLIT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map from the 256 byte values to printable characters (how tokenizer.json spells bytes)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = list(bs), 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def _split_regex(pre: dict | None, where: str) -> str:
-    """The pre-tokenizer's splitting regex (Split / ByteLevel / Digits, possibly in a Sequence)."""
-    if pre is None:
-        raise SwarrError(f"{where}: no pre_tokenizer; only byte-level BPE tokenizers are supported")
-    parts = pre["pretokenizers"] if pre["type"] == "Sequence" else [pre]
-    regexes = []
-    for p in parts:
-        if p["type"] == "Split":
-            regexes.append(p["pattern"].get("Regex") or re.escape(p["pattern"]["String"]))
-        elif p["type"] == "ByteLevel":
-            if p.get("add_prefix_space"):
-                raise SwarrError(f"{where}: ByteLevel add_prefix_space is not supported")
-            if p.get("use_regex", True):
-                regexes.append(GPT2_SPLIT)
-        elif p["type"] == "Digits":
-            regexes.insert(0, r"\p{N}" if p.get("individual_digits") else r"\p{N}+")
-        else:
-            raise SwarrError(f"{where}: pre-tokenizer {p['type']!r} is not supported")
-    return "|".join(regexes)
-
-
-class Tokenizer:
-    """Wraps a tiktoken.Encoding (`self.enc`) built from tokenizer.json; token ids are the checkpoint's ids."""
-
-    def __init__(self, path: str):
-        self.path = path
-        try:
-            with open(path, encoding="utf-8") as f:
-                self.json_text = f.read()
-            tj = json.loads(self.json_text)
-            model = tj["model"]
-        except FileNotFoundError:
-            raise SwarrError(f"{path}: tokenizer file not found") from None
-        except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
-            raise SwarrError(f"{path}: not a valid tokenizer.json ({e})") from None
-        if model.get("type") != "BPE":
-            raise SwarrError(f"{path}: tokenizer model {model.get('type')!r} is not supported (byte-level BPE only)")
-        byte_of = {c: b for b, c in _bytes_to_unicode().items()}
-        ranks = {}
-        for tok, i in model["vocab"].items():
-            try:
-                ranks[bytes(byte_of[c] for c in tok)] = i
-            except KeyError:
-                raise SwarrError(f"{path}: token {tok!r} is not byte-level BPE") from None
-        self.special = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
-        for s in self.special:
-            ranks.pop(s.encode(), None)
-        norm = (tj.get("normalizer") or {}).get("type")
-        if norm not in (None, "NFC"):
-            raise SwarrError(f"{path}: normalizer {norm!r} is not supported")
-        self.nfc = norm == "NFC"
-        self.enc = tiktoken.Encoding(name=os.path.basename(os.path.dirname(os.path.abspath(path))) or "tok",
-                                     pat_str=_split_regex(tj.get("pre_tokenizer"), path),
-                                     mergeable_ranks=ranks, special_tokens=self.special)
-        self.vocab_size = max([*ranks.values(), *self.special.values()]) + 1
-
-    def encode(self, text: str) -> list[int]:
-        """Text -> ids. Special tokens written in the text (e.g. "<|im_start|>") are encoded as specials."""
-        if self.nfc:
-            text = unicodedata.normalize("NFC", text)
-        return self.enc.encode(text, allowed_special="all")
-
-    def decode(self, ids) -> str:
-        """Ids -> text. Ids without a token (checkpoints pad the embedding past the vocabulary) are skipped."""
-        ids = [int(i) for i in ids]
-        try:
-            data = self.enc.decode_bytes(ids)
-        except KeyError:
-            data = b"".join(self.enc.decode_single_token_bytes(i) for i in ids if self._known(i))
-        return data.decode("utf-8", errors="replace")
-
-    def _known(self, i: int) -> bool:
-        try:
-            self.enc.decode_single_token_bytes(i)
-            return True
-        except KeyError:
-            return False
-
-    def chat(self, user: str) -> str:
-        """Wrap one user message in the chat format the checkpoint was tuned with: ChatML (Qwen), Llama 3
-        headers, or plain text when the tokenizer has neither."""
-        if "<|im_start|>" in self.special:
-            return f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
-        if "<|start_header_id|>" in self.special:
-            return (f"<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|>"
-                    f"<|start_header_id|>assistant<|end_header_id|>\n\n")
-        return user
-
-    def stop_ids(self, cfg: Config) -> list[int]:
-        """Token ids that end a completion: the config's eos plus the chat end-of-turn tokens."""
-        eos = cfg.hf.get("eos_token_id")
-        ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-        ids |= {self.special[t] for t in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end_of_text|>")
-                if t in self.special}
-        return sorted(ids)
-
-
-# =====================================================================================================
 # checkpoint I/O: HF folders (config.json + safetensors, single or sharded) in and out
 # =====================================================================================================
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -840,7 +722,7 @@ def export_config(model: Transformer, dtype) -> dict:
 
 
 def save(model: Transformer, tok: Tokenizer, path: str, extra_files: dict[str, str] | None = None):
-    """Write an HF folder (model.safetensors, config.json, tokenizer.json, + extra_files name -> text).
+    """Write an HF folder (model.safetensors, config.json, the tokenizer's files, + extra_files name -> text).
     Atomic: everything is written to a temporary sibling folder, which then replaces `path` by rename."""
     path = os.path.abspath(path.rstrip("/"))
     parent = os.path.dirname(path)
@@ -852,16 +734,12 @@ def save(model: Transformer, tok: Tokenizer, path: str, extra_files: dict[str, s
                  if not (model.cfg.tie_embeddings and k == "lm_head.weight")}
         dtype = next(iter(state.values())).dtype
         save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        files = {"config.json": json.dumps(export_config(model, dtype), indent=2),
-                 "tokenizer.json": tok.json_text, **(extra_files or {})}
-        for src in ("tokenizer_config.json", "generation_config.json"):  # keep chat template & generation defaults
-            p = os.path.join(os.path.dirname(tok.path), src)
-            if os.path.exists(p) and src not in files:
-                with open(p) as f:
-                    files[src] = f.read()
-        for name, text in files.items():
-            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
-                f.write(text)
+        # every tokenizer / chat template / generation-defaults file the checkpoint came with, byte for byte
+        files = {"tokenizer.json": tok.json_text, **tok.files, **(extra_files or {}),
+                 "config.json": json.dumps(export_config(model, dtype), indent=2)}
+        for name, data in files.items():
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(data.encode("utf-8") if isinstance(data, str) else data)
                 f.flush()
                 os.fsync(f.fileno())
         old = None
@@ -892,12 +770,13 @@ class Progress:
         print(f"{self.label} {done}/{self.total}  {extra}  elapsed {el:.0f}s  ETA {eta:.0f}s", file=self.stream, flush=True)
 
 
-def record_prompt(tok: Tokenizer, rec: dict, chat: bool = True) -> str:
-    """The prompt text for a record: its own "prompt" if it has one, else the math template in the chat format."""
+def record_prompt(tok: Tokenizer, rec: dict, chat: bool = True, system: str | None = None) -> str:
+    """The prompt text for a record: its own "prompt" if it has one, else the math template in the checkpoint's
+    chat template (after `system`, if given; many templates insert a default system message otherwise)."""
     if "prompt" in rec:
         return rec["prompt"]
     text = grader.math_prompt(rec["question"])
-    return tok.chat(text) if chat else text
+    return tok.chat(text, system) if chat else text
 
 
 def majority(answers: list) -> str | None:
@@ -917,7 +796,8 @@ def majority(answers: list) -> str | None:
 
 def evaluate(model: Transformer, tok: Tokenizer, records: list[dict], *, max_new_tokens: int = 512,
              batch_size: int = 16, samples: int = 1, temperature: float = 0.0, top_p: float = 1.0,
-             chat: bool = True, seed: int = 0, progress: bool = True) -> tuple[dict, list[dict]]:
+             chat: bool = True, system: str | None = None, seed: int = 0,
+             progress: bool = True) -> tuple[dict, list[dict]]:
     """Generate `samples` completions per record, grade each, and summarise.
 
     Returns (summary, rows): summary = {"n", "accuracy" (first sample per problem, pass@1), "mean_accuracy" and
@@ -926,13 +806,14 @@ def evaluate(model: Transformer, tok: Tokenizer, records: list[dict], *, max_new
     was_training = model.training
     model.eval()
     stop = tok.stop_ids(model.cfg)
-    order = sorted(range(len(records)), key=lambda i: len(record_prompt(tok, records[i], chat)))
+    texts = [record_prompt(tok, r, chat, system) for r in records]
+    order = sorted(range(len(records)), key=lambda i: len(texts[i]))
     rows: list[dict] = [None] * (len(records) * samples)
     show = Progress("eval", len(records)) if progress else None
     done = 0
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
-        prompts = [tok.encode(record_prompt(tok, records[i], chat)) for i in idx]
+        prompts = [tok.encode(texts[i], add_special_tokens=not chat) for i in idx]  # raw text: BOS as tokenizer.json says
         g = generate(model, prompts, max_new_tokens, eos_ids=stop, temperature=temperature, top_p=top_p,
                      n_samples=samples, seed=seed + b)
         for r in range(len(idx) * samples):
@@ -1001,7 +882,8 @@ def cmd_eval(a):
     if not records:
         raise SwarrError(f"{a.data}: no records to evaluate")
     summary, rows = evaluate(model, tok, records, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size,
-                             samples=a.samples, temperature=a.temperature, chat=not a.raw, seed=a.seed)
+                             samples=a.samples, temperature=a.temperature, chat=not a.raw, system=a.system,
+                             seed=a.seed)
     summary.update(model=a.model, data=a.data, window=a.window, windows=model.windows)  # windows: as run, per layer
     out = a.out or os.path.join("runs", "eval-" + os.path.basename(a.model.rstrip("/")))
     os.makedirs(out, exist_ok=True)
@@ -1020,8 +902,8 @@ def cmd_eval(a):
 # =====================================================================================================
 def cmd_generate(a):
     model, tok = model_from_flags(a)
-    text = a.prompt if a.raw else tok.chat(a.prompt)
-    g = generate(model, [tok.encode(text)], a.max_new_tokens, eos_ids=tok.stop_ids(model.cfg),
+    ids = tok.encode(a.prompt, add_special_tokens=True) if a.raw else tok.encode(tok.chat(a.prompt, a.system))
+    g = generate(model, [ids], a.max_new_tokens, eos_ids=tok.stop_ids(model.cfg),
                  temperature=a.temperature, top_p=a.top_p, seed=a.seed)
     print(tok.decode(g.tokens[0, :int(g.lengths[0])].tolist()))
 
@@ -1037,6 +919,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
         sp.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--system", default=None, help="system message for the chat template (default: the template's own)")
 
     g = sub.add_parser("generate", help="sample a completion for one prompt")
     common(g)
