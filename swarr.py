@@ -705,15 +705,16 @@ def export_config(model: Transformer, dtype) -> dict:
     if len(ws) > 1:
         raise SwarrError(f"HF configs hold one sliding_window for all windowed layers; this model has {sorted(ws)}")
     W = ws.pop() if ws else None
-    if cfg.arch.startswith("Qwen"):
+    if W is not None and None in windows:  # README "Exports": what transformers and vLLM each read
+        raise SwarrError(f"windows on {sum(w is not None for w in windows)} "
+                         f"of {len(windows)} layers cannot be exported: vLLM's Qwen2/Qwen3 refuse mixed layer_types "
+                         "(or window every layer) and transformers' Mistral windows every layer; window all layers")
+    if cfg.arch.startswith("Qwen"):  # all layers windowed or none: vLLM reads use_sliding_window + sliding_window
         hf["use_sliding_window"], hf["sliding_window"] = W is not None, W
-        hf["layer_types"] = ["sliding_attention" if w else "full_attention" for w in windows]
-        first = next((i for i, w in enumerate(windows) if w), len(windows))
-        if W is not None and all(windows[first:]):  # windowed layers form a suffix: max_window_layers says so
-            hf["max_window_layers"] = first
-    elif W is not None:  # Llama or Mistral: a windowed Llama is a Mistral (Llama + sliding_window, all layers)
-        if None in windows:
-            raise SwarrError("Llama/Mistral checkpoints can only be windowed on all layers (the Mistral format)")
+        hf["layer_types"] = ["sliding_attention" if W else "full_attention"] * len(windows)
+        if W is not None:
+            hf["max_window_layers"] = 0
+    elif W is not None:  # Llama or Mistral: a windowed Llama is a Mistral (Llama + sliding_window on every layer)
         hf.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=W)
         hf.pop("attention_bias", None), hf.pop("mlp_bias", None)
     elif cfg.arch == "MistralForCausalLM":
