@@ -11,6 +11,7 @@ also adds what the post_processor adds to a plain text (e.g. BOS), as `tokenizer
 """
 from __future__ import annotations
 
+import heapq
 import json
 import os
 import re
@@ -144,22 +145,24 @@ class SentencePieceBPE:
                 continue
             else:
                 syms.append(None)  # unknown character
-        while len(syms) > 1:  # merge the lowest-ranked adjacent pair, all its occurrences left to right
-            pairs = [self.ranks.get((a, b), 1 << 60) if a is not None and b is not None else 1 << 60
-                     for a, b in zip(syms, syms[1:])]
-            best = min(pairs)
-            if best == 1 << 60:
-                break
-            a, b = syms[pairs.index(best)], syms[pairs.index(best) + 1]
-            out, i = [], 0
-            while i < len(syms):
-                if i + 1 < len(syms) and syms[i] == a and syms[i + 1] == b:
-                    out.append(a + b)
-                    i += 2
-                else:
-                    out.append(syms[i])
-                    i += 1
-            syms = out
+        # Merge the lowest-ranked adjacent pair first (leftmost among equals), as `tokenizers` does: a heap of
+        # candidate pairs over a linked list of symbols, so a long text costs O(n log n), not O(n^2).
+        nxt, prev = list(range(1, len(syms) + 1)), list(range(-1, len(syms) - 1))
+        heap = [(self.ranks[p], i, *p) for i, p in enumerate(zip(syms, syms[1:])) if p in self.ranks]
+        heapq.heapify(heap)
+        while heap:
+            _, i, a, b = heapq.heappop(heap)
+            j = nxt[i]
+            if syms[i] != a or j >= len(syms) or syms[j] != b:
+                continue  # stale: one side was merged since this pair was pushed
+            syms[i], syms[j] = a + b, ""  # "" marks a symbol merged into its left neighbour
+            nxt[i] = nxt[j]
+            if nxt[i] < len(syms):
+                prev[nxt[i]] = i
+            for left, right in ((prev[i], i), (i, nxt[i])):
+                if left >= 0 and right < len(syms) and (syms[left], syms[right]) in self.ranks:
+                    heapq.heappush(heap, (self.ranks[syms[left], syms[right]], left, syms[left], syms[right]))
+        syms = [s for s in syms if s != ""]
         if None in syms and self.unk is None:
             raise SwarrError(f"cannot encode {word!r}: a character is outside the vocabulary and there is no unk_token")
         ids = [self.unk if s is None else self.vocab[s] for s in syms]

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, make_checkpoint, train_tokenizer
+from conftest import ROOT, SHARED_DATA, make_checkpoint, train_tokenizer
 import swarr
 import tokenizer as T
 
@@ -94,6 +94,9 @@ def test_sentencepiece_style_matches_tokenizers(tmp_path, style):
         assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=False), t
         fallback += sum(3 <= i < 259 for i in ids)
     assert fallback > 20  # the byte fallback was exercised
+    with open(SHARED_DATA / "gsm8k" / "test.jsonl") as f:  # a long text (one word when Metaspace does not split)
+        long = "\n".join(json.loads(next(f))["answer"] for _ in range(100))
+    assert ours.encode(long) == ref.encode(long, add_special_tokens=False).ids
     assert ours.encode("hi", add_special_tokens=True)[0] == 1  # BOS from the post_processor
 
 
