@@ -291,6 +291,7 @@ class Tokenizer:
             ids = list(ranks.values())
         else:
             self.sp = SentencePieceBPE(tj, path)
+            self.sp.id_to_token.update({i: t for t, i in self.special.items()})  # decode writes specials as text
             ids = list(model["vocab"].values())
             by_len = sorted(self.special, key=len, reverse=True)
             self.special_re = re.compile("|".join(map(re.escape, by_len))) if by_len else None
@@ -370,8 +371,7 @@ class Tokenizer:
         """Ids -> text. Ids without a token (checkpoints pad the embedding past the vocabulary) are skipped."""
         ids = [int(i) for i in ids]
         if self.sp is not None:
-            name = {i: t for t, i in self.special.items()}
-            toks = [name.get(i) or self.sp.id_to_token.get(i) for i in ids]
+            toks = [self.sp.id_to_token.get(i) for i in ids]
             return self.sp.decode([t for t in toks if t is not None]).decode("utf-8", errors="replace")
         try:
             data = self.enc.decode_bytes(ids)
