@@ -1,6 +1,6 @@
 """The main job: the SWARR finding, end to end, on the embedded default (a CPU, a few minutes).
 
-    python swarr.py demo [--seed 0] [--window 40] [--quick] [--model DIR --data FILE] [--out runs/demo]
+    python demo.py [--seed 0] [--window 40] [--quick] [--model DIR --data FILE] [--out runs/demo]
 
 From one pretrained self-attention (SA) model (data/tiny-sa, 0.83M parameters, pretrained by data/pretrain.py)
 and one synthetic task (data/synth.py: sums of products, whose SFT traces are written "for SA"), it runs
@@ -38,6 +38,7 @@ import bench
 import swarr
 import train_rl
 import train_sft
+import training
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "data"))
@@ -54,7 +55,7 @@ QUICK_RL = dict(steps=20, lr=3e-4)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="swarr.py demo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="demo.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--seed", type=int, default=0, help="data split, batch order, sampling (default 0)")
     p.add_argument("--window", type=int, default=40, help="the SWA window W, keys per query (default 40)")
     p.add_argument("--quick", action="store_true", help="RL 20 steps at a higher lr, 100 test problems (~1.5 min)")
@@ -99,8 +100,8 @@ def task(args, tok, cfg):
     """(sft_pairs, rl_problems, test_records) for the synthetic task, or for --data (a GSM8K/MATH/JSONL file)."""
     n_test = args.n_test or (100 if args.quick else 200)
     if args.data:
-        recs = train_sft.read_records(args.data)
-        train, test = train_sft.split_held_out(recs, n_test / len(recs), args.seed)
+        recs = training.read_records(args.data)
+        train, test = training.split_held_out(recs, n_test / len(recs), args.seed)
         train = train[:args.n_train]
         sft = [train_sft.sft_pair(tok, cfg, r) for r in train]
         problems = [{"prompt": swarr.record_prompt(tok, r), "answer": r["answer"], "split": "train"} for r in train]

@@ -45,7 +45,8 @@ def _split_then_bytes(regex: str) -> dict:
 
 PRE_TOKENIZERS = {
     "gpt-2": (None, _BYTE_LEVEL), "default": (None, _BYTE_LEVEL),
-    "smollm": (None, {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, _BYTE_LEVEL]}),
+    "smollm": (None, {"type": "Sequence",
+                      "pretokenizers": [{"type": "Digits", "individual_digits": True}, _BYTE_LEVEL]}),
     "llama-bpe": (None, _split_then_bytes(_LLAMA3_REGEX)),
     "qwen2": ({"type": "NFC"}, _split_then_bytes(_LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}"))),
 }
@@ -96,7 +97,8 @@ def hf_config(meta: dict, path: str, tied: bool) -> dict:
                "intermediate_size": g("feed_forward_length"), "num_hidden_layers": g("block_count"),
                "num_attention_heads": heads, "num_key_value_heads": g("attention.head_count_kv", heads),
                "head_dim": g("attention.key_length") or g("rope.dimension_count") or dim // heads,
-               "rms_norm_eps": f32(g("attention.layer_norm_rms_epsilon")), "rope_theta": f32(g("rope.freq_base", 10000.0)),
+               "rms_norm_eps": f32(g("attention.layer_norm_rms_epsilon")),
+               "rope_theta": f32(g("rope.freq_base", 10000.0)),
                "max_position_embeddings": g("context_length"), "vocab_size": len(meta["tokenizer.ggml.tokens"]),
                "tie_word_embeddings": tied, "hidden_act": "silu", "torch_dtype": "float32"}
     except (KeyError, TypeError) as e:
@@ -112,7 +114,8 @@ def hf_config(meta: dict, path: str, tied: bool) -> dict:
         if f"tokenizer.ggml.{k}_token_id" in meta:
             cfg[f"{k}_token_id"] = int(meta[f"tokenizer.ggml.{k}_token_id"])
     if g("attention.sliding_window"):  # a windowed llama is a Mistral (Llama + sliding_window on every layer)
-        cfg.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=int(g("attention.sliding_window")))
+        cfg.update(architectures=["MistralForCausalLM"], model_type="mistral",
+                   sliding_window=int(g("attention.sliding_window")))
     if arch == "qwen2":
         cfg["use_sliding_window"] = False
     return cfg
@@ -146,7 +149,8 @@ def tokenizer_files(meta: dict, path: str, cfg: dict) -> dict[str, str]:
                     "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
                     "vocab": {t: i for i, t in enumerate(tokens)},
                     "merges": [m.split(" ", 1) for m in meta.get("tokenizer.ggml.merges", [])]}}
-    name = lambda k: tokens[int(meta[f"tokenizer.ggml.{k}_token_id"])] if f"tokenizer.ggml.{k}_token_id" in meta else None
+    def name(k):  # the text of a special token named by id in the metadata
+        return tokens[int(meta[f"tokenizer.ggml.{k}_token_id"])] if f"tokenizer.ggml.{k}_token_id" in meta else None
     tc = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
           "model_max_length": cfg["max_position_embeddings"],
           **{f"{k}_token": name(k) for k in ("bos", "eos", "unk") if name(k) is not None}}

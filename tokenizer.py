@@ -393,7 +393,8 @@ class Tokenizer:
         if self._template is None:
             source, where = self.template_source, f"{os.path.dirname(self.path) or '.'}/{self.template_where}"
             if not source:
-                source = LLAMA3 if "<|start_header_id|>" in self.special and "<|im_start|>" not in self.special else CHATML
+                llama3 = "<|start_header_id|>" in self.special and "<|im_start|>" not in self.special
+                source = LLAMA3 if llama3 else CHATML
                 where = f"{self.path} (built-in fallback)"
                 if self.path not in _noted:
                     _noted.add(self.path)
@@ -420,7 +421,8 @@ class Tokenizer:
 
     def chat(self, user: str, system: str | None = None) -> str:
         """One user message (after an optional system message) as a prompt for the assistant's answer."""
-        msgs = ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": user}]
+        msgs = [{"role": "system", "content": system}] if system is not None else []
+        msgs.append({"role": "user", "content": user})
         return self.render(msgs, add_generation_prompt=True)
 
     def stop_ids(self, cfg) -> list[int]:

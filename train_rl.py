@@ -3,13 +3,14 @@
 Each step, in the order of the code below:
   1. take P problems (--prompts-per-step) and sample G completions of each (--group-size) from the current
      windowed policy pi at temperature T; each prompt is prefilled once and its KV cache cloned into G rows;
-  2. score each completion: r_ij = reward_fn(completion_ij, problem_i), by default 1 if swarr.grade says its
+  2. score each completion: r_ij = reward_fn(completion_ij, problem_i), by default 1 if grader.grade says its
      final answer is correct, else 0;
   3. advantage A_ij = r_ij - mean_j r_ij (with --std-norm, divided by std_j r_ij + 1e-6);
   4. loss = -(1/N) sum_ij A_ij sum_t log pi(y_ijt | x_i, y_ij<t), over the completion tokens (stop token
      included), where N = the total number of completion tokens in the batch (--norm tokens) or the constant
      P*G*max_new_tokens (--norm constant) -- never each sequence's own length, which would favour long wrong
-     answers over short ones; with --kl c, plus c/N * sum_ijt (e^d - d - 1), d = log pi_ref - log pi;
+     answers over short ones; with --kl c, plus c/N * sum_ijt (e^d - d - 1), d = log pi_ref - log pi.
+     pi is the distribution the rollouts were sampled from, softmax(logits / T), for the policy and the reference;
   5. one AdamW step. The next step samples afresh from the updated policy.
 
 Why no ratio clipping: PPO and GRPO maximise sum A * rho, rho = pi_theta(y) / pi_old(y), and clip rho because
@@ -30,11 +31,12 @@ prints, per step,
 As a library (the demo reuses this loop): `model = run(parser().parse_args([...]), model, tok, problems,
 held_out, reward_fn, history=[])`, problems being dicts {"prompt": formatted prompt text, "answer": gold};
 `history` collects one dict per step ({"event": "train", "step", "reward", "accuracy", ...}) and per eval.
+The plumbing shared with train_sft.py (flags, data files, checkpoints and --resume, the optimizer, logging) is in
+training.py.
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import time
@@ -44,16 +46,15 @@ import torch.nn.functional as F
 
 import grader
 import swarr
-from train_sft import (Recorder, apply_window, autocast, check_finite, collate, common_args, load_checkpoint,
-                       make_optimizer, read_records, save_checkpoint, split_held_out)
+import training
 
 
 def parser() -> argparse.ArgumentParser:
-    p = common_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), out="runs/rl")
+    p = training.common_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), out="runs/rl")
     p.add_argument("--steps", type=int, default=100, help="optimizer steps, each on a fresh batch of rollouts")
     p.add_argument("--prompts-per-step", type=int, default=16)
     p.add_argument("--group-size", type=int, default=8, help="samples per prompt (at least 2)")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature T (> 0)")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--std-norm", action="store_true", help="divide advantages by the group's reward std")
@@ -66,11 +67,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-n", type=int, default=200, help="held-out problems per eval")
     p.add_argument("--show-every", type=int, default=10, help="print and save a few sampled completions every N steps")
     return p
-
-
-def default_reward(completion: str, record: dict) -> float:
-    """1.0 if the completion's final answer equals the gold answer (swarr.grade), else 0.0."""
-    return 1.0 if grader.grade(completion, record["answer"]) else 0.0
 
 
 def pick(n: int, P: int, step: int, seed: int) -> list[int]:
@@ -99,6 +95,12 @@ def rollout(model, tok, problems: list[dict], group_size: int, temperature: floa
     return samples
 
 
+# ---- 2. reward --------------------------------------------------------------------------------------------
+def default_reward(completion: str, record: dict) -> float:
+    """1.0 if the completion's final answer equals the gold answer (grader.grade), else 0.0."""
+    return 1.0 if grader.grade(completion, record["answer"]) else 0.0
+
+
 # ---- 3. advantages ----------------------------------------------------------------------------------------
 def advantages(rewards: torch.Tensor, std_norm: bool) -> torch.Tensor:
     """(P, G) rewards -> (P, G) advantages, each group against its own mean.
@@ -108,30 +110,34 @@ def advantages(rewards: torch.Tensor, std_norm: bool) -> torch.Tensor:
 
 
 # ---- 4. the loss ------------------------------------------------------------------------------------------
-def completion_logprobs(model, samples: list[dict]) -> torch.Tensor:
-    """log pi(token) at each completion token, from one forward pass over prompt + completion (right-padded).
-    Returns (B, T), zero outside the completions. Example: prompt [5, 6], completion [7, 2] (2 = stop):
-    inputs [5, 6, 7]; position 1 scores token 7, position 2 scores the stop token 2; position 0 is masked."""
-    inputs, targets = collate([(s["prompt_ids"] + s["ids"], len(s["prompt_ids"])) for s in samples],
-                              next(model.parameters()).device)
+def completion_logprobs(model, samples: list[dict], temperature: float = 1.0) -> torch.Tensor:
+    """log pi(token) at each completion token, pi = softmax(logits / temperature): the distribution the sampler
+    drew the token from. One forward pass over prompt + completion (right-padded). Returns (B, T), zero outside
+    the completions. Example: prompt [5, 6], completion [7, 2] (2 = stop): inputs [5, 6, 7]; position 1 scores
+    token 7, position 2 scores the stop token 2; position 0 is masked."""
+    inputs, targets = training.collate([(s["prompt_ids"] + s["ids"], len(s["prompt_ids"])) for s in samples],
+                                       next(model.parameters()).device)
     mask = targets != -100
-    logits = model(inputs).float()
+    logits = model(inputs).float() / temperature
     logp = -F.cross_entropy(logits.flatten(0, 1), targets.clamp(min=0).flatten(), reduction="none")
     return logp.view_as(targets) * mask
 
 
-def policy_loss(model, samples: list[dict], adv: torch.Tensor, n_norm: float, ref=None, kl_coef: float = 0.0):
+def policy_loss(model, samples: list[dict], adv: torch.Tensor, n_norm: float, ref=None, kl_coef: float = 0.0,
+                temperature: float = 1.0):
     """-(1/n_norm) sum_i adv_i sum_t log pi(y_it), for one micro-batch (n_norm counts the whole batch's tokens, so
     micro-batches add up to the global loss). With a reference model also + kl_coef/n_norm * sum_t k3, the
-    non-negative KL estimate k3 = e^d - d - 1, d = log pi_ref - log pi. Returns (loss, summed k3 or None)."""
-    logp = completion_logprobs(model, samples)
+    non-negative KL estimate k3 = e^d - d - 1, d = log pi_ref - log pi, whose gradient flows through log pi
+    (the reference is frozen). Returns (loss, summed k3 or None)."""
+    logp = completion_logprobs(model, samples, temperature)
     loss = -(adv[:, None] * logp).sum() / n_norm
     if ref is None:
         return loss, None
     with torch.no_grad():
-        d = completion_logprobs(ref, samples) - logp  # zero outside the completions, where k3 is then 0 too
+        ref_logp = completion_logprobs(ref, samples, temperature)
+    d = ref_logp - logp  # zero outside the completions, where k3 and its gradient are then 0 too
     k3 = torch.exp(d) - d - 1
-    return loss + kl_coef * k3.sum() / n_norm, float(k3.sum())
+    return loss + kl_coef * k3.sum() / n_norm, float(k3.detach().sum())
 
 
 # ---- the loop ---------------------------------------------------------------------------------------------
@@ -143,36 +149,36 @@ def run(args, model=None, tok=None, problems=None, held_out=None, reward_fn=None
     reward_fn = reward_fn or default_reward
     if args.group_size < 2:
         raise swarr.SwarrError("--group-size must be at least 2: the baseline is the group's mean reward")
+    if args.temperature <= 0:
+        raise swarr.SwarrError("--temperature must be > 0: the loss scores the distribution the rollouts come from")
+    if args.kl and args.resume and model is None and not args.model:
+        raise swarr.SwarrError("--kl with --resume needs --model: the KL reference is the starting policy")
     if problems is None:  # read the data first: a bad path should fail before a large model loads
-        records = read_records(args.data)[:args.limit]
-        held_records = read_records(args.held_out, "--held-out") if args.held_out else None
-    rec = Recorder(args.out, log, history)
-    if model is None and (args.kl or not args.resume):
-        model, tok = swarr.load(args.model or "", args.dtype, args.device)
-    ref = None
-    if args.kl:  # the starting policy, frozen: copied once, before resumed weights (if any) replace the policy's
-        ref = copy.deepcopy(apply_window(model, args)).eval().requires_grad_(False)
+        records = training.read_records(args.data)[:args.limit]
+        held_records = training.read_records(args.held_out, "--held-out") if args.held_out else None
+    rec = training.Recorder(args.out, log, history)
+    # Load the starting policy, copy the frozen KL reference from it, then restore a resumed run over the policy.
+    model, tok = training.load_model(args, model, tok)
+    ref = training.frozen_copy(model) if args.kl else None
+    if ref is not None:
         mb = sum(p.numel() * p.element_size() for p in ref.parameters()) / 2**20
         rec(f"KL reference: a frozen copy of the starting policy, {mb:.1f} MB", event="kl_reference", mb=mb)
-    state = None
-    if args.resume:
-        model, tok, state = load_checkpoint(args.out, args.dtype, args.device)
-    apply_window(model, args)
+    optimizer = training.make_optimizer(model, args)
+    start = training.restore(args, model, optimizer, rec)  # --resume: the saved weights, moments and step
     device = next(model.parameters()).device
     if problems is None:
-        as_problem = lambda r: {"prompt": tok.chat(grader.math_prompt(r["question"])), "answer": r["answer"]}
+        as_problem = lambda r: {"prompt": tok.chat(grader.math_prompt(r["question"]), args.system),
+                                "answer": r["answer"]}
         problems = [as_problem(r) for r in records]
         if held_records is not None:
             held_out = [as_problem(r) for r in held_records]
         else:
-            problems, held_out = split_held_out(problems, args.held_out_frac, args.seed)
+            problems, held_out = training.split_held_out(problems, args.held_out_frac, args.seed)
     held_out = (held_out or [])[:args.eval_n]
     P, G = args.prompts_per_step, args.group_size
     rec(f"{len(problems)} problems, {len(held_out)} held out; {P} prompts x {G} samples per step; windows "
         f"{model.windows}. The loss printed sits near 0 by construction (advantages sum to 0 in each group): "
         f"watch the reward.")
-
-    optimizer, start = make_optimizer(model, args, state, rec)
 
     def evaluate(step, sampled_acc):
         if not held_out:
@@ -188,31 +194,31 @@ def run(args, model=None, tok=None, problems=None, held_out=None, reward_fn=None
         evaluate(0, None)
     t_start, sampled_acc = time.time(), None
     for step in range(start, args.steps):
-        # 1-2. fresh rollouts from the current policy, and their rewards
+        # 1. rollouts: fresh samples from the current policy
         t0 = time.time()
         batch = [problems[i] for i in pick(len(problems), P, step, args.seed)]
         samples = rollout(model, tok, batch, G, args.temperature, args.max_new_tokens, seed=args.seed * 100_003 + step)
+        # 2. reward
         rewards = torch.tensor([reward_fn(s["text"], s["problem"]) for s in samples], dtype=torch.float32).view(P, G)
-        # 3. advantages; groups of equal rewards have none
+        # 3. advantages; groups of equal rewards have none (--skip-zero-var leaves them out)
         adv = advantages(rewards, args.std_norm).flatten()
         zero_var = rewards.max(1).values == rewards.min(1).values
         rows = [i for i in range(P * G) if not (args.skip_zero_var and zero_var[i // G])]
-        n_norm = sum(len(samples[i]["ids"]) for i in rows) if args.norm == "tokens" else P * G * args.max_new_tokens
-        # 4-5. one gradient step on this batch, micro-batched under one global normalisation
+        # 4. loss and its gradient, micro-batched under one normalisation for the whole batch
         t1 = time.time()
+        n_norm = sum(len(samples[i]["ids"]) for i in rows) if args.norm == "tokens" else P * G * args.max_new_tokens
         model.train()
         loss, kl = 0.0, 0.0
         for b in range(0, len(rows), args.micro_batch):
             part = rows[b:b + args.micro_batch]
-            with autocast(device):
-                l, k = policy_loss(model, [samples[i] for i in part], adv[part].to(device), n_norm, ref, args.kl)
+            with training.autocast(device):
+                l, k = policy_loss(model, [samples[i] for i in part], adv[part].to(device), n_norm, ref, args.kl,
+                                   args.temperature)
             l.backward()
             loss, kl = loss + l.item(), kl + (k or 0.0)
-        check_finite(loss, step + 1, args.out)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)) if rows else 0.0
-        if rows:  # every group skipped (--skip-zero-var): no signal, no step
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        training.check_finite(loss, step + 1, args.out)
+        # 5. one AdamW step (none when every group was left out: no signal)
+        grad_norm = training.optimizer_step(model, optimizer, args.clip) if rows else 0.0
         t2, done = time.time(), step + 1
 
         lengths = [len(s["ids"]) for s in samples]
@@ -239,9 +245,7 @@ def run(args, model=None, tok=None, problems=None, held_out=None, reward_fn=None
         sampled_acc = m["accuracy"]
         if args.eval_every and done % args.eval_every == 0 and done < args.steps:
             evaluate(done, sampled_acc)
-        if args.out and ((args.save_every and done % args.save_every == 0) or done == args.steps):
-            save_checkpoint(args.out, model, tok, optimizer, done, args)
-            rec(f"saved {args.out}/model at step {done}", event="save", step=done)
+        training.save_if_due(args, model, tok, optimizer, done, args.steps, rec)
     evaluate(args.steps, sampled_acc)
     return model.eval()
 

@@ -19,13 +19,13 @@ weights, the optimizer state and the step.
 
 As a library (the demo reuses this loop): `model = run(parser().parse_args([...]), model, tok, train, held_out)`
 with train/held_out lists of (prompt_text, response_text); `history=[]` collects the logged dicts.
+The plumbing shared with train_rl.py (flags, data files, checkpoints and --resume, the optimizer, logging) is in
+training.py.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import re
 import time
 
@@ -34,31 +34,11 @@ import torch.nn.functional as F
 
 import grader
 import swarr
-
-
-def common_args(p: argparse.ArgumentParser, out: str) -> argparse.ArgumentParser:
-    """The options both stages share (train_rl.py adds these too): model, window, data, output, device, resume."""
-    p.add_argument("--model", help="HF model folder to start from (config.json, *.safetensors, tokenizer.json)")
-    p.add_argument("--out", default=out, help="output folder ('' = write nothing, keep the model in memory)")
-    p.add_argument("--window", type=int, default=None, help="sliding window W (keys per query); default: keep the model's")
-    p.add_argument("--layers", default=None, help="comma-separated layers to window, e.g. 0,2,5 (default: all)")
-    p.add_argument("--data", help="GSM8K / MATH / JSONL file, read by swarr.load_dataset")
-    p.add_argument("--held-out", default=None, help="held-out data file (default: split --held-out-frac off --data)")
-    p.add_argument("--held-out-frac", type=float, default=0.02)
-    p.add_argument("--limit", type=int, default=None, help="use only the first N records of --data")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
-    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing (less memory, ~30%% slower)")
-    p.add_argument("--dtype", default="float32", choices=sorted(swarr.DTYPES), help="weights (bf16 autocast on CUDA)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0 = only at the end)")
-    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
-    return p
+import training
 
 
 def parser() -> argparse.ArgumentParser:
-    p = common_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), out="runs/sft")
+    p = training.common_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), out="runs/sft")
     p.add_argument("--max-len", type=int, default=1024, help="drop examples longer than this many tokens")
     p.add_argument("--loss-on", choices=["response", "all"], default="response", help="'all' = plain LM training")
     p.add_argument("--epochs", type=float, default=1.0)
@@ -76,21 +56,6 @@ def parser() -> argparse.ArgumentParser:
 
 
 # ---- data: records -> (prompt, response) text -> token ids ------------------------------------------
-def read_records(path: str | None, flag: str = "--data") -> list[dict]:
-    """Records from a GSM8K / MATH / JSONL file, with one clear error for each way that can fail."""
-    if not path:
-        raise swarr.SwarrError(f"{flag} is required when no data is passed in")
-    if not os.path.isfile(path):
-        raise swarr.SwarrError(f"{path}: data file not found")
-    try:
-        records = grader.load_dataset(path)
-    except ValueError as e:
-        raise swarr.SwarrError(str(e)) from None
-    if not records:
-        raise swarr.SwarrError(f"{path}: the dataset is empty")
-    return records
-
-
 def end_of_turn(tok: swarr.Tokenizer, cfg: swarr.Config) -> str:
     """The token text that closes an assistant turn in the chat format tok.chat() writes."""
     for t in ("<|im_end|>", "<|eot_id|>"):
@@ -99,8 +64,8 @@ def end_of_turn(tok: swarr.Tokenizer, cfg: swarr.Config) -> str:
     return tok.decode(tok.stop_ids(cfg)[:1])
 
 
-def sft_pair(tok: swarr.Tokenizer, cfg: swarr.Config, rec: dict) -> tuple[str, str]:
-    """A dataset record (swarr.load_dataset) -> (prompt, response). GSM8K's '#### N' line becomes a \\boxed{N}
+def sft_pair(tok: swarr.Tokenizer, cfg: swarr.Config, rec: dict, system: str | None = None) -> tuple[str, str]:
+    """A dataset record (grader.load_dataset) -> (prompt, response). GSM8K's '#### N' line becomes a \\boxed{N}
     ending and its <<calculator>> notes go; a MATH solution already ends in \\boxed{}; a record without a
     solution answers directly. Example (ChatML):
         {"question": "Tom has 3 apples and buys 15. How many?", "answer": "18", "solution": "3+15=<<3+15=18>>18\\n#### 18"}
@@ -110,14 +75,7 @@ def sft_pair(tok: swarr.Tokenizer, cfg: swarr.Config, rec: dict) -> tuple[str, s
     sol, gsm8k = re.subn(r"\s*####.*$", "", sol, flags=re.S)
     if gsm8k or "\\boxed" not in sol:
         sol = f"{sol}\nThe answer is \\boxed{{{rec['answer']}}}.".lstrip()
-    return tok.chat(grader.math_prompt(rec["question"])), sol + end_of_turn(tok, cfg)
-
-
-def split_held_out(items: list, frac: float, seed: int) -> tuple[list, list]:
-    """A seeded random `frac` of items becomes the held-out set: (train, held_out)."""
-    perm = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
-    n = int(len(items) * frac)
-    return [items[i] for i in perm[n:]], [items[i] for i in perm[:n]]
+    return tok.chat(grader.math_prompt(rec["question"]), system), sol + end_of_turn(tok, cfg)
 
 
 def tokenize(tok: swarr.Tokenizer, pairs: list, loss_on: str) -> list[tuple[list[int], int]]:
@@ -143,38 +101,11 @@ def plan_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> 
     return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
 
 
-def collate(examples: list, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """[(ids, start)] -> inputs, targets (B, T), right-padded. targets[t] = ids[t+1] where the loss is taken and
-    -100 elsewhere (prompt, padding). Causal attention never lets a real token see the padding to its right.
-    Example: ([5, 6, 7, 8, 9], 3) -> inputs [5, 6, 7, 8], targets [-100, -100, 8, 9]."""
-    T = max(len(ids) for ids, _ in examples) - 1
-    inputs = torch.zeros(len(examples), T, dtype=torch.long)
-    targets = torch.full((len(examples), T), -100, dtype=torch.long)
-    for b, (ids, start) in enumerate(examples):
-        x = torch.tensor(ids)
-        inputs[b, :len(ids) - 1] = x[:-1]
-        targets[b, start - 1:len(ids) - 1] = x[start:]
-    return inputs.to(device), targets.to(device)
-
-
 # ---- the objective and the schedule --------------------------------------------------------------------
 def loss_sum(model: swarr.Transformer, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy over the positions whose target is not -100 (the caller divides by a token count)."""
     logits = model(inputs)
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
-
-
-def lr_at(step: int, total: int, args) -> float:
-    """Linear warmup over args.warmup steps, then a cosine from args.lr down to args.lr * args.min_lr_ratio."""
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    t = (step - args.warmup) / max(1, total - args.warmup)
-    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA (the fp32 weights stay the optimizer's master copy); plain fp32 on CPU."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 @torch.no_grad()
@@ -184,99 +115,12 @@ def held_out_loss(model, examples: list, batch_size: int, device) -> float:
     order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
     total, n = 0.0, 0
     for b in range(0, len(order), batch_size):
-        inputs, targets = collate([examples[i] for i in order[b:b + batch_size]], device)
-        with autocast(device):
+        inputs, targets = training.collate([examples[i] for i in order[b:b + batch_size]], device)
+        with training.autocast(device):
             total += loss_sum(model, inputs, targets).item()
         n += int((targets != -100).sum())
     model.train()
     return total / max(n, 1)
-
-
-# ---- plumbing shared with train_rl.py: windows, logging, checkpoints -------------------------------------
-def apply_window(model: swarr.Transformer, args) -> swarr.Transformer:
-    """--window W [--layers 0,2,5], checked against the model's context and the HF export format up front."""
-    if args.window is None:
-        if args.layers:
-            raise swarr.SwarrError("--layers needs --window")
-        return model
-    if args.window > model.cfg.max_pos:
-        raise swarr.SwarrError(f"--window {args.window} is larger than the model's context "
-                               f"({model.cfg.max_pos} positions): it would not window anything")
-    layers = None
-    if args.layers:
-        try:
-            layers = [int(i) for i in args.layers.split(",")]
-        except ValueError:
-            raise swarr.SwarrError(f"--layers {args.layers!r}: expected comma-separated integers") from None
-    model.set_window(args.window, layers)
-    swarr.export_config(model, torch.float32)  # fails now, not at the first save, if HF cannot express it
-    return model
-
-
-class Recorder:
-    """Where a run's numbers go: `log` gets a line for people; `history` (a list, if given) and out/log.jsonl get
-    one dict per event, e.g. {"event": "train", "step": 10, "loss": 0.41, ...}."""
-
-    def __init__(self, out: str, log, history: list | None):
-        self.log, self.history = log, history
-        self.path = os.path.join(out, "log.jsonl") if out else None
-        if self.path:
-            os.makedirs(out, exist_ok=True)
-
-    def __call__(self, line: str | None, **metrics):
-        if line:
-            self.log(line)
-        if metrics:
-            if self.history is not None:
-                self.history.append(metrics)
-            if self.path:
-                with open(self.path, "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
-
-
-def check_finite(loss: float, step: int, out: str):
-    """Stop on a NaN/inf loss, before the optimizer step, pointing at the last good checkpoint."""
-    if not math.isfinite(loss):
-        raise swarr.SwarrError(f"step {step}: loss is {loss}; stopping. The last good checkpoint is "
-                               f"{os.path.join(out, 'model') if out else '(none: --out is empty)'}")
-
-
-def save_checkpoint(out: str, model, tok, optimizer, step: int, args):
-    """out/model (swarr.save, atomic; train_config.json records args and step) + out/trainer_state-<step>.pt.
-    The state file is written before the model and older ones are deleted after it, so an interruption at any
-    moment leaves a model folder whose step has a state file."""
-    name = f"trainer_state-{step}.pt"
-    torch.save({"step": step, "optimizer": optimizer.state_dict()}, os.path.join(out, name + ".tmp"))
-    os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
-    config = json.dumps({**vars(args), "step": step, "windows": model.windows}, indent=2)
-    swarr.save(model, tok, os.path.join(out, "model"), extra_files={"train_config.json": config})
-    for f in os.listdir(out):
-        if f.startswith("trainer_state-") and f != name:
-            os.remove(os.path.join(out, f))
-
-
-def make_optimizer(model, args, state: dict | None, rec) -> tuple[torch.optim.Optimizer, int]:
-    """AdamW over every parameter (and activation checkpointing as asked); with a saved trainer `state` (--resume),
-    its moments and step are restored. Returns (optimizer, the step to start from)."""
-    model.checkpointing = args.checkpointing
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
-    if not state:
-        return optimizer, 0
-    optimizer.load_state_dict(state["optimizer"])
-    rec(f"resumed from {args.out}/model at step {state['step']}")
-    return optimizer, state["step"]
-
-
-def load_checkpoint(out: str, dtype, device):
-    """The model, tokenizer and trainer state that save_checkpoint left in `out` (for --resume)."""
-    cfg_path = os.path.join(out or "", "model", "train_config.json")
-    if not os.path.isfile(cfg_path):
-        raise swarr.SwarrError(f"--resume: {cfg_path} not found; nothing to resume")
-    with open(cfg_path) as f:
-        step = json.load(f)["step"]
-    model, tok = swarr.load(os.path.join(out, "model"), dtype, device)
-    state = torch.load(os.path.join(out, f"trainer_state-{step}.pt"), map_location=device, weights_only=True)
-    return model, tok, state
 
 
 # ---- the training loop -----------------------------------------------------------------------------------
@@ -284,22 +128,17 @@ def run(args, model=None, tok=None, train=None, held_out=None, log=print, histor
     """Fine-tune and return the model. train/held_out: lists of (prompt, response) text; if train is None they
     come from --data and --held-out (or --held-out-frac); an in-memory `held_out` is used as given (None = none)."""
     if train is None:  # read the data first: a bad path should fail before a large model loads
-        records = read_records(args.data)[:args.limit]
-        held_records = read_records(args.held_out, "--held-out") if args.held_out else None
-    rec = Recorder(args.out, log, history)
-    state = None
-    if args.resume:
-        model, tok, state = load_checkpoint(args.out, args.dtype, args.device)
-    elif model is None:
-        model, tok = swarr.load(args.model or "", args.dtype, args.device)
-    apply_window(model, args)
+        records = training.read_records(args.data)[:args.limit]
+        held_records = training.read_records(args.held_out, "--held-out") if args.held_out else None
+    rec = training.Recorder(args.out, log, history)
+    model, tok = training.load_model(args, model, tok)
     device = next(model.parameters()).device
     if train is None:
-        train = [sft_pair(tok, model.cfg, r) for r in records]
+        train = [sft_pair(tok, model.cfg, r, args.system) for r in records]
         if held_records is not None:
-            held_out = [sft_pair(tok, model.cfg, r) for r in held_records]
+            held_out = [sft_pair(tok, model.cfg, r, args.system) for r in held_records]
         else:
-            train, held_out = split_held_out(train, args.held_out_frac, args.seed)
+            train, held_out = training.split_held_out(train, args.held_out_frac, args.seed)
     examples = [e for e in tokenize(tok, train, args.loss_on) if len(e[0]) <= args.max_len]
     held = [e for e in tokenize(tok, held_out or [], args.loss_on) if len(e[0]) <= args.max_len]
     if not examples:
@@ -316,8 +155,9 @@ def run(args, model=None, tok=None, train=None, held_out=None, log=print, histor
         stream += plan_batches(lengths, args.batch_size, args.seed, epoch)
         epoch += 1
 
+    optimizer = training.make_optimizer(model, args)
+    start = training.restore(args, model, optimizer, rec)  # --resume: the saved weights, moments and step
     model.train()
-    optimizer, start = make_optimizer(model, args, state, rec)
 
     def evaluate(step):
         line, m = f"eval step {step}:", {"event": "eval", "step": step}
@@ -338,21 +178,19 @@ def run(args, model=None, tok=None, train=None, held_out=None, log=print, histor
         t_step = time.time()
         micro = [[examples[i] for i in b] for b in stream[step * A:(step + 1) * A]]
         n_targets = sum(len(ids) - s for mb in micro for ids, s in mb)  # the whole accumulated batch
-        lr = lr_at(step, total, args)
+        lr = training.lr_at(step, total, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss = 0.0
         for mb in micro:
-            inputs, targets = collate(mb, device)
-            with autocast(device):
+            inputs, targets = training.collate(mb, device)
+            with training.autocast(device):
                 part = loss_sum(model, inputs, targets) / n_targets
             part.backward()
             loss += part.item()
             tokens += sum(len(ids) for ids, _ in mb)
-        check_finite(loss, step + 1, args.out)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        training.check_finite(loss, step + 1, args.out)
+        grad_norm = training.optimizer_step(model, optimizer, args.clip)
         busy += time.time() - t_step
         losses.append(loss)
         done = step + 1
@@ -365,9 +203,7 @@ def run(args, model=None, tok=None, train=None, held_out=None, log=print, histor
             losses = []
         if args.eval_every and done % args.eval_every == 0 and done < total:
             evaluate(done)
-        if args.out and ((args.save_every and done % args.save_every == 0) or done == total):
-            save_checkpoint(args.out, model, tok, optimizer, done, args)
-            rec(f"saved {args.out}/model at step {done}", event="save", step=done)
+        training.save_if_due(args, model, tok, optimizer, done, total, rec)
     evaluate(total)
     return model.eval()
 

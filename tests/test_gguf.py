@@ -15,7 +15,8 @@ import swarr
 gguf = pytest.importorskip("gguf")
 import gguf_convert  # noqa: E402
 
-TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+            "{% endfor %}"
             "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 GGUF_NAMES = {v: k for k, v in gguf_convert.LAYER_NAMES.items()}
 
@@ -103,7 +104,8 @@ def test_quantized_file_loads_in_swarr_and_transformers_alike(tiny, tmp_path, qt
     path = write_gguf(tmp_path / f"{qtype}.gguf", hf, folder, qtype=getattr(gguf.GGMLQuantizationType, qtype))
     out = gguf_convert.convert(str(path), str(tmp_path / "out"))
     model, tok = swarr.load(out)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
+                                                            attn_implementation="eager").eval()
     q = model.state_dict()["model.layers.1.self_attn.q_proj.weight"]
     orig = hf.state_dict()["model.layers.1.self_attn.q_proj.weight"]
     assert 0 < (q - orig).abs().max() < (0.02 if qtype == "Q8_0" else 0.2) * orig.abs().max()  # quantized, unpermuted

@@ -31,7 +31,8 @@ INST = (
     "{% set messages = messages[1:] %}{% else %}{% set system = '' %}{% endif %}"
     "{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
     "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-    "{% if message['role'] == 'user' %}{{ '[INST] ' + (system if loop.first else '') + message['content'] + ' [/INST]' }}"
+    "{% if message['role'] == 'user' %}"
+    "{{ '[INST] ' + (system if loop.first else '') + message['content'] + ' [/INST]' }}"
     "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}")
 CONVERSATIONS = [
     [{"role": "user", "content": "What is 2+3?"}],
@@ -104,7 +105,8 @@ def test_bos_follows_the_post_processor(tmp_path):
     """Byte-level with a TemplateProcessing that adds BOS (Llama 3) and without one (Qwen, SmolLM2)."""
     from tokenizers import Tokenizer, processors
     path = train_tokenizer(tmp_path / "plain")
-    assert T.Tokenizer(str(path)).encode("hi there", add_special_tokens=True) == Tokenizer.from_file(str(path)).encode("hi there").ids
+    plain = T.Tokenizer(str(path)).encode("hi there", add_special_tokens=True)
+    assert plain == Tokenizer.from_file(str(path)).encode("hi there").ids
     ref = Tokenizer.from_file(str(path))
     bos = ref.token_to_id("<|endoftext|>")
     ref.post_processor = processors.Sequence([processors.ByteLevel(trim_offsets=False), processors.TemplateProcessing(
@@ -138,7 +140,8 @@ def test_template_matches_apply_chat_template(tmp_path, kind):
             want = hf.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen)
             assert ours.render(conv, add_generation_prompt=gen) == want
             assert ours.encode(want) == hf(want, add_special_tokens=False)["input_ids"]
-    assert ours.chat("What is 2+3?") == hf.apply_chat_template(CONVERSATIONS[0], tokenize=False, add_generation_prompt=True)
+    assert ours.chat("What is 2+3?") == hf.apply_chat_template(CONVERSATIONS[0], tokenize=False,
+                                                               add_generation_prompt=True)
     assert ours.chat("What is 2+3?", system="You are terse.") == hf.apply_chat_template(
         CONVERSATIONS[1], tokenize=False, add_generation_prompt=True)
 
@@ -190,7 +193,8 @@ def test_save_keeps_every_tokenizer_file_and_transformers_reads_the_template(tmp
         assert (dst / name).read_bytes() == (src / name).read_bytes(), name
     hf = transformers.AutoTokenizer.from_pretrained(str(dst))
     conv = CONVERSATIONS[2]
-    assert swarr.load(str(dst))[1].render(conv) == hf.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+    want = hf.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+    assert swarr.load(str(dst))[1].render(conv) == want
 
 
 def test_unsupported_tokenizer_is_one_error(tmp_path):

@@ -9,6 +9,7 @@ import torch
 import swarr
 import train_rl
 import train_sft
+import training
 from conftest import make_checkpoint, train_tokenizer
 
 
@@ -82,10 +83,10 @@ def test_tokenize_collate_and_loss_cover_response_tokens_only(ckpt, tok):
     (ids, start), = train_sft.tokenize(tok, [("ab cd", "ef gh")], "response")
     assert ids == tok.encode("ab cd") + tok.encode("ef gh") and start == len(tok.encode("ab cd"))
     assert train_sft.tokenize(tok, [("ab cd", "ef gh")], "all")[0][1] == 1
-    assert [t.tolist() for t in train_sft.collate([([5, 6, 7, 8, 9], 3)], "cpu")] == [[[5, 6, 7, 8]],
-                                                                                    [[-100, -100, 8, 9]]]
+    assert [t.tolist() for t in training.collate([([5, 6, 7, 8, 9], 3)], "cpu")] == [[[5, 6, 7, 8]],
+                                                                                   [[-100, -100, 8, 9]]]
     a, b = [tok.chat("what is 2+2?"), "4"], [tok.chat("what is 3+3?"), "4"]
-    (ia, ta), (ib, tb) = (train_sft.collate(train_sft.tokenize(tok, [p], "response") + [([1, 2], 1)], "cpu")
+    (ia, ta), (ib, tb) = (training.collate(train_sft.tokenize(tok, [p], "response") + [([1, 2], 1)], "cpu")
                           for p in (a, b))
     assert not torch.equal(ia, ib) and torch.equal(ta, tb)  # another prompt: the same targets, all in the response
     n_prompt = len(tok.encode(a[0]))
@@ -105,7 +106,7 @@ def test_plan_batches_and_schedule():
     assert all(abs(lengths[b[0]] - lengths[b[1]]) <= 2 for b in plan)  # short with short, long with long
     assert plan == train_sft.plan_batches(lengths, 2, seed=0, epoch=0) != train_sft.plan_batches(lengths, 2, 0, 1)
     args = train_sft.parser().parse_args(["--lr", "1", "--warmup", "4", "--min-lr-ratio", "0.1"])
-    lrs = [train_sft.lr_at(s, 104, args) for s in range(104)]
+    lrs = [training.lr_at(s, 104, args) for s in range(104)]
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0] and abs(lrs[54] - 0.55) < 1e-9 and lrs[-1] > 0.1
 
 
@@ -214,6 +215,72 @@ def test_one_rl_step_changes_the_policy_and_equal_rewards_give_no_gradient(ckpt,
     loss, _ = train_rl.policy_loss(model.train(), samples, adv, n_norm=100.0)
     loss.backward()
     assert loss.item() == 0.0 and all(not p.grad.any() for p in model.parameters())
+
+
+def sampled_logprobs(logits, temperature, tokens):
+    """log of the probability with which swarr.sample drew `tokens`: softmax(logits / T), as the sampler computes it."""
+    return torch.softmax(logits.float() / temperature, -1).gather(-1, tokens[:, None])[:, 0].log()
+
+
+def test_loss_scores_the_distribution_the_sampler_drew_from(ckpt, tok, monkeypatch):
+    """At T != 1 the loss's per-token log-probs are those of softmax(logits / T), the sampler's own distribution
+    (recorded here at every decode step), not those of softmax(logits)."""
+    model, _ = swarr.load(ckpt)
+    T, drawn, sample = 0.7, [], swarr.sample
+
+    def spy(logits, temperature, top_p, gen):
+        tokens = sample(logits, temperature, top_p, gen)
+        drawn.append(sampled_logprobs(logits, temperature, tokens))
+        return tokens
+
+    monkeypatch.setattr(swarr, "sample", spy)
+    problems = [{"prompt": tok.chat(text), "answer": ""} for text in ("hi", "say something a bit longer")]
+    samples = train_rl.rollout(model, tok, problems, 3, T, 10, seed=0)  # ragged prompts, 3 samples each
+    sampler = torch.stack(drawn, 1)  # (rows, decode steps)
+    with torch.no_grad():
+        scored, at_one = (train_rl.completion_logprobs(model, samples, t) for t in (T, 1.0))
+    worst_t, worst_one = 0.0, 0.0
+    for r, s in enumerate(samples):
+        first, n = len(s["prompt_ids"]) - 1, len(s["ids"])
+        worst_t = max(worst_t, (scored[r, first:first + n] - sampler[r, :n]).abs().max().item())
+        worst_one = max(worst_one, (at_one[r, first:first + n] - sampler[r, :n]).abs().max().item())
+    print(f"max |log-prob difference| vs the sampler: {worst_t:.2e} at T={T}, {worst_one:.2e} if scored at T=1")
+    assert worst_t < 1e-5 and worst_one > 1e-2  # (scoring softmax(logits) would be off-policy)
+
+
+def test_kl_term_has_the_gradient_of_the_kl_estimate(ckpt, tok):
+    """With zero advantages only the KL penalty is left: its gradient is nonzero once the policy differs from the
+    reference, and equals autograd of c/N * sum k3, k3 = e^d - d - 1, d = log pi_ref - log pi, computed here from
+    one unpadded forward per sample."""
+    model, _ = swarr.load(ckpt)
+    ref = training.frozen_copy(model)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # the policy moves away from the reference, as after a few RL steps
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    samples = train_rl.rollout(model, tok, toy_problems(tok)[:2], 4, 0.8, 8, seed=0)
+    c, n_norm, T = 0.5, 37.0, 0.8
+    loss, k3_sum = train_rl.policy_loss(model.train(), samples, torch.zeros(len(samples)), n_norm, ref, c, T)
+    loss.backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+
+    def logp(m, seq, n):  # log softmax(logits / T) of the completion tokens seq[n:]
+        return (m(seq[None, :-1])[0, n - 1:] / T).log_softmax(-1).gather(-1, seq[n:, None])[:, 0]
+
+    k3 = 0.0
+    for s in samples:
+        seq, n = torch.tensor(s["prompt_ids"] + s["ids"]), len(s["prompt_ids"])
+        with torch.no_grad():
+            ref_logp = logp(ref, seq, n)
+        d = ref_logp - logp(model, seq, n)
+        k3 = k3 + (d.exp() - d - 1).sum()
+    (c * k3 / n_norm).backward()
+    want = [p.grad for p in model.parameters()]
+    norm = torch.cat([w.flatten() for w in want]).norm().item()
+    print(f"|grad| of the KL term alone: {norm:.3e}; summed k3 {k3.item():.4f} (policy_loss: {k3_sum:.4f})")
+    assert norm > 1e-3 and abs(k3_sum - k3.item()) < 1e-4 * max(1.0, k3.item())
+    assert all((a - b).abs().max() <= 1e-4 * norm for a, b in zip(got, want))
 
 
 def test_rl_kl_penalty_to_the_starting_policy(ckpt, tok):
