@@ -208,3 +208,23 @@ def test_unsupported_tokenizer_is_one_error(tmp_path):
     p.write_text(json.dumps(tj))
     with pytest.raises(swarr.SwarrError, match="Whitespace"):
         T.Tokenizer(str(p))
+
+
+def test_system_flag_reaches_every_prompt(tmp_path):
+    import train_rl
+    import train_sft
+    train_tokenizer(tmp_path)
+    write_config(tmp_path, CHATML_DEFAULT_SYSTEM, eos_token="<|im_end|>")
+    tok, rec = T.Tokenizer(str(tmp_path / "tokenizer.json")), {"question": "What is 2+3?", "answer": "5"}
+    assert swarr.record_prompt(tok, rec).startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>")
+    assert swarr.record_prompt(tok, rec, system="Be terse.").startswith("<|im_start|>system\nBe terse.<|im_end|>\n"
+                                                                         "<|im_start|>user\nWhat is 2+3?")
+    cfg = swarr.Config(arch="LlamaForCausalLM", vocab_size=400, dim=8, n_layers=1, n_heads=1, n_kv_heads=1,
+                       head_dim=8, hidden_dim=8, hf={"eos_token_id": 2})
+    prompt, response = train_sft.sft_pair(tok, cfg, rec, "Be terse.")
+    assert prompt == swarr.record_prompt(tok, rec, system="Be terse.") and response.endswith("<|im_end|>")
+    for p in (train_sft.parser(), train_rl.parser()):
+        assert p.parse_args(["--system", "Be terse."]).system == "Be terse." and p.parse_args([]).system is None
+    for cmd in ("generate --prompt x", "eval --data d.jsonl"):
+        args = swarr.build_parser().parse_args([*cmd.split(), "--model", "m", "--system", "Be terse."])
+        assert args.system == "Be terse."
