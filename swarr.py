@@ -736,10 +736,10 @@ def evaluate(model: Transformer, tok: Tokenizer, records: list[dict], *, max_new
             rec = records[idx[r // samples]]
             n = int(g.lengths[r])
             text = tok.decode([t for t in g.tokens[r, :n].tolist() if t not in stop])
-            pred = grader.extract_answer(text)
+            verdict = grader.grade_detail(text, rec["answer"])  # the RL reward's verdict, with the answer it read
             rows[idx[r // samples] * samples + r % samples] = dict(
                 id=rec.get("id", idx[r // samples]), sample=r % samples, question=rec.get("question", rec.get("prompt")),
-                gold=rec["answer"], completion=text, extracted=pred, correct=grader.is_equiv(rec["answer"], pred),
+                gold=rec["answer"], completion=text, extracted=verdict.pred, correct=verdict.correct,
                 length=n, truncated=not bool(g.stopped[r]),
                 **{k: rec[k] for k in ("subject", "level") if k in rec})
         done += len(idx)
