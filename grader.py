@@ -995,16 +995,24 @@ def grade(completion: str, gold) -> bool:
 def _records(path):
     """Yield (line_number, dict) of a JSONL file; a malformed line raises ValueError('file:line: why')."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"{path}: data file not found")
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    if not path.is_file():  # a folder, or a FIFO that would block the read
+        raise ValueError(f"{path}: not a regular file")
+    with open(path, "rb") as f:  # bytes, decoded line by line: a bad byte is reported with its line
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{n}: not UTF-8 text (byte {e.start} of the line)") from None
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+            except RecursionError:
+                raise ValueError(f"{path}:{n}: JSON nested too deeply") from None
             if not isinstance(rec, dict):
                 raise ValueError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
             yield n, rec

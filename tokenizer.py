@@ -15,6 +15,7 @@ import heapq
 import json
 import os
 import re
+import stat
 import sys
 import unicodedata
 from datetime import datetime
@@ -70,7 +71,97 @@ def _split_regex(pre: dict | None, where: str) -> str:
             regexes.insert(0, r"\p{N}" if p.get("individual_digits") else r"\p{N}+")
         else:
             raise SwarrError(f"{where}: pre-tokenizer {p['type']!r} is not supported with byte-level BPE")
-    return "|".join(regexes)
+    pat = "|".join(regexes) or r"[\s\S]+"  # no splitting at all: the whole text is one piece
+    _check_no_empty_match(pat, where)
+    return pat
+
+
+def _check_no_empty_match(pat: str, where: str):
+    """tiktoken panics (a Rust panic, not a Python error) on a piece of length 0, i.e. on a pre-tokenizer regex
+    that can match the empty string (`a*`, `x|`, a lone lookahead). Probe it on text of every character class."""
+    import regex  # tiktoken's own dependency; its syntax is close to the Rust regex tiktoken compiles
+    try:
+        compiled = regex.compile(pat)
+    except regex.error:
+        return  # tiktoken reports the syntax error itself
+    probe = "Hello, World! It's 2024: x^2 + 3.14 = y_1\n\n\t  café naïve 東京 🙂 ÿ \"q\" (a) [b] {c} <d> #@$%&*~`|"
+    for text in ["", probe, *probe]:
+        if any(m.start() == m.end() for m in compiled.finditer(text)):
+            raise SwarrError(f"{where}: the pre-tokenizer regex can match the empty string (in {text[:20]!r})")
+
+
+def check_tokenizer_json(tj: dict, path: str):
+    """The fields of a tokenizer.json that Tokenizer reads, checked with one error line each. Duplicate ids
+    are caught here: tiktoken would panic on them (a Rust panic, not a Python error)."""
+    model = tj.get("model")
+    if not isinstance(model, dict):
+        raise SwarrError(f"{path}: field 'model' must be an object")
+    vocab = model.get("vocab")
+    if not isinstance(vocab, dict):
+        raise SwarrError(f"{path}: model.vocab must be an object mapping tokens to ids, got {type(vocab).__name__}")
+    seen: dict[int, str] = {}
+    added = tj.get("added_tokens", [])
+    if not isinstance(added, list) or not all(isinstance(t, dict) for t in added):
+        raise SwarrError(f"{path}: added_tokens must be a list of objects")
+    for t in added:
+        if not isinstance(t.get("content"), str) or not t["content"]:
+            raise SwarrError(f"{path}: an added token has no 'content' string: {t!r}"[:300])
+    specials = {t["content"]: t.get("id") for t in added}
+    for kind, table in (("model.vocab", {k: v for k, v in vocab.items() if k not in specials}),
+                        ("added_tokens", specials)):
+        for tok, i in table.items():
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < 2 ** 31:
+                raise SwarrError(f"{path}: {kind}: token {tok!r} has id {i!r}, not an integer in [0, 2**31)")
+            if i in seen:
+                raise SwarrError(f"{path}: {kind}: id {i} is given to both {seen[i]!r} and {tok!r}")
+            seen[i] = tok
+    pre = tj.get("pre_tokenizer")
+    parts = pre.get("pretokenizers") if isinstance(pre, dict) and pre.get("type") == "Sequence" else [pre]
+    if pre is not None and (not isinstance(parts, list) or
+                            not all(isinstance(p, dict) and isinstance(p.get("type"), str) for p in parts)):
+        raise SwarrError(f"{path}: pre_tokenizer (and each of a Sequence's pretokenizers) needs a 'type'")
+    for p in parts if pre is not None else []:
+        pat = p.get("pattern")
+        if p["type"] == "Split" and not (isinstance(pat, dict) and (isinstance(pat.get("Regex"), str)
+                                                                    or isinstance(pat.get("String"), str))):
+            raise SwarrError(f"{path}: Split pre-tokenizer needs a pattern {{'Regex': ...}} or {{'String': ...}}")
+    norm = tj.get("normalizer")
+    if norm is not None and not (isinstance(norm, dict) and isinstance(norm.get("type"), str)):
+        raise SwarrError(f"{path}: normalizer needs a 'type'")
+
+
+def read_text(path: str) -> str:
+    """The UTF-8 text of the regular file `path`, or one SwarrError naming the file. The file is opened
+    non-blocking and checked to be a regular file before reading: a FIFO would otherwise block forever."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise SwarrError(f"{path}: not found") from None
+    except OSError as e:  # a symlink loop, no permission, ...
+        raise SwarrError(f"{path}: cannot open ({e.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # a folder, FIFO or device
+        os.close(fd)
+        raise SwarrError(f"{path}: not a regular file")
+    with open(fd, "rb") as f:
+        try:
+            return f.read().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise SwarrError(f"{path}: not UTF-8 text (byte {e.start})") from None
+        except OSError as e:
+            raise SwarrError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def read_json(path: str, text: str | None = None) -> dict:
+    """The JSON object in the file `path` (or in its `text`, already read), or one SwarrError naming the file."""
+    try:
+        data = json.loads(read_text(path) if text is None else text)
+    except json.JSONDecodeError as e:
+        raise SwarrError(f"{path}: malformed JSON ({e})") from None
+    except RecursionError:
+        raise SwarrError(f"{path}: JSON nested too deeply") from None
+    if not isinstance(data, dict):
+        raise SwarrError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _merge_pairs(merges: list) -> list[tuple[str, str]]:
@@ -255,18 +346,15 @@ class Tokenizer:
 
     def __init__(self, path: str):
         self.path, folder = path, os.path.dirname(os.path.abspath(path))
-        try:
-            with open(path, encoding="utf-8") as f:
-                self.json_text = f.read()
-            tj = json.loads(self.json_text)
-            model = tj["model"]
-        except FileNotFoundError:
-            raise SwarrError(f"{path}: tokenizer file not found") from None
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
-            raise SwarrError(f"{path}: not a valid tokenizer.json ({type(e).__name__}: {e})") from None
-        if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
-            raise SwarrError(f"{path}: tokenizer model {model.get('type') if isinstance(model, dict) else model!r} "
-                             "is not supported (BPE only: byte-level, or SentencePiece-style with byte fallback)")
+        if not os.path.lexists(path):
+            raise SwarrError(f"{path}: tokenizer file not found")
+        self.json_text = read_text(path)
+        tj = read_json(path, self.json_text)
+        check_tokenizer_json(tj, path)
+        model = tj["model"]
+        if model.get("type") != "BPE":
+            raise SwarrError(f"{path}: tokenizer model {model.get('type')!r} is not supported "
+                             "(BPE only: byte-level, or SentencePiece-style with byte fallback)")
         self.special = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
         self.byte_level = any(p["type"] == "ByteLevel" for p in _parts(tj.get("pre_tokenizer"), "pretokenizers")
                               + _parts(tj.get("decoder"), "decoders"))
@@ -281,13 +369,20 @@ class Tokenizer:
                     raise SwarrError(f"{path}: token {tok!r} is not byte-level BPE") from None
             for s in self.special:
                 ranks.pop(s.encode(), None)
+            missing = [b for b in range(256) if bytes([b]) not in ranks]
+            if missing:  # byte-level BPE can spell any text only from all 256 bytes (tiktoken would panic)
+                raise SwarrError(f"{path}: model.vocab lacks {len(missing)} of the 256 single bytes "
+                                 f"(e.g. {bytes_to_unicode()[missing[0]]!r}); not a byte-level BPE vocabulary")
             norm = [n["type"] for n in _parts(tj.get("normalizer"), "normalizers")]
             if norm not in ([], ["NFC"]):
                 raise SwarrError(f"{path}: normalizer {norm} is not supported with byte-level BPE")
             self.nfc = norm == ["NFC"]
-            self.enc = tiktoken.Encoding(name=os.path.basename(folder) or "tok",
-                                         pat_str=_split_regex(tj.get("pre_tokenizer"), path),
-                                         mergeable_ranks=ranks, special_tokens=self.special)
+            try:
+                self.enc = tiktoken.Encoding(name=os.path.basename(folder) or "tok",
+                                             pat_str=_split_regex(tj.get("pre_tokenizer"), path),
+                                             mergeable_ranks=ranks, special_tokens=self.special)
+            except ValueError as e:  # tiktoken compiles the pre-tokenizer's regex (Rust regex syntax)
+                raise SwarrError(f"{path}: pre_tokenizer regex does not compile ({str(e).splitlines()[0]})") from None
             ids = list(ranks.values())
         else:
             self.sp = SentencePieceBPE(tj, path)
@@ -322,16 +417,7 @@ class Tokenizer:
 
     @staticmethod
     def _read_json(p: str) -> dict:
-        if not os.path.exists(p):
-            return {}
-        try:
-            with open(p, encoding="utf-8") as f:
-                d = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise SwarrError(f"{p}: malformed JSON ({e})") from None
-        if not isinstance(d, dict):
-            raise SwarrError(f"{p}: expected a JSON object")
-        return d
+        return read_json(p) if os.path.lexists(p) else {}
 
     def _post_processor(self, pp: dict | None, where: str) -> tuple[list[int], list[int]]:
         """What the post_processor puts before and after a single plain text (e.g. Llama's BOS)."""
