@@ -199,7 +199,7 @@ def test_save_keeps_every_tokenizer_file_and_transformers_reads_the_template(tmp
 
 def test_unsupported_tokenizer_is_one_error(tmp_path):
     p = tmp_path / "tokenizer.json"
-    p.write_text(json.dumps({"model": {"type": "Unigram", "vocab": [["a", 0.0]]}}))
+    p.write_text(json.dumps({"model": {"type": "Unigram", "vocab": {"a": 0}}}))
     with pytest.raises(swarr.SwarrError, match="Unigram"):
         T.Tokenizer(str(p))
     sentencepiece_tokenizer(tmp_path, "first")
