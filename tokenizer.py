@@ -369,10 +369,12 @@ class Tokenizer:
                     raise SwarrError(f"{path}: token {tok!r} is not byte-level BPE") from None
             for s in self.special:
                 ranks.pop(s.encode(), None)
-            missing = [b for b in range(256) if bytes([b]) not in ranks]
-            if missing:  # byte-level BPE can spell any text only from all 256 bytes (tiktoken would panic)
-                raise SwarrError(f"{path}: model.vocab lacks {len(missing)} of the 256 single bytes "
-                                 f"(e.g. {bytes_to_unicode()[missing[0]]!r}); not a byte-level BPE vocabulary")
+            ids = list(ranks.values())
+            # tiktoken must be able to spell any text from single bytes (it would panic otherwise). Some real
+            # vocabularies (SmolLM2's) lack a few rare control bytes: they get ids past the vocabulary.
+            extra = max([*ids, *self.special.values()]) + 1
+            for b in (b for b in range(256) if bytes([b]) not in ranks):
+                ranks[bytes([b])], extra = extra, extra + 1
             norm = [n["type"] for n in _parts(tj.get("normalizer"), "normalizers")]
             if norm not in ([], ["NFC"]):
                 raise SwarrError(f"{path}: normalizer {norm} is not supported with byte-level BPE")
@@ -383,7 +385,6 @@ class Tokenizer:
                                              mergeable_ranks=ranks, special_tokens=self.special)
             except ValueError as e:  # tiktoken compiles the pre-tokenizer's regex (Rust regex syntax)
                 raise SwarrError(f"{path}: pre_tokenizer regex does not compile ({str(e).splitlines()[0]})") from None
-            ids = list(ranks.values())
         else:
             self.sp = SentencePieceBPE(tj, path)
             self.sp.id_to_token.update({i: t for t, i in self.special.items()})  # decode writes specials as text
