@@ -1,9 +1,9 @@
 """SWARR: convert a pretrained transformer to sliding-window attention, then win back its accuracy with RL.
 
 One file, meant to be read top to bottom: config -> model -> attention (reference | compiled extension)
--> KV caches, prefill and decode through the same forward, generation -> tokenizer and checkpoint I/O
--> eval -> command line; then an appendix with the plumbing (building the extension, CUDA graphs).
-The math grader lives in grader.py. See README.md.
+-> KV caches, prefill and decode through the same forward, generation -> checkpoint I/O -> eval
+-> command line; then an appendix with the plumbing (building the extension, CUDA graphs).
+The tokenizer and chat templates live in tokenizer.py, the math grader in grader.py. See README.md.
 """
 from __future__ import annotations
 
@@ -16,15 +16,12 @@ import os
 import platform
 import re
 import shutil
-import stat
 import subprocess
 import sys
 import tempfile
 import time
-import unicodedata
 from dataclasses import dataclass, field
 
-import tiktoken
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -32,10 +29,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import grader
+# tokenizer.json (byte-level or SentencePiece BPE), chat templates, and the checked file readers
+from tokenizer import SwarrError, Tokenizer, read_json, read_text
 
 
-class SwarrError(Exception):
-    """A user-facing error: the command line prints its message as one line and exits with status 2."""
 
 
 # =====================================================================================================
@@ -670,218 +667,9 @@ def decode_loop(model: Transformer, caches: list[KVCache], logits, max_new_token
 
 
 # =====================================================================================================
-# tokenizer: a HF tokenizer.json (byte-level BPE) as a tiktoken.Encoding, built offline
-# =====================================================================================================
-GPT2_SPLIT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map from the 256 byte values to printable characters (how tokenizer.json spells bytes)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = list(bs), 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def _split_regex(pre: dict | None, where: str) -> str:
-    """The pre-tokenizer's splitting regex (Split / ByteLevel / Digits, possibly in a Sequence)."""
-    if pre is None:
-        raise SwarrError(f"{where}: no pre_tokenizer; only byte-level BPE tokenizers are supported")
-    parts = pre["pretokenizers"] if pre["type"] == "Sequence" else [pre]
-    regexes = []
-    for p in parts:
-        if p["type"] == "Split":
-            regexes.append(p["pattern"].get("Regex") or re.escape(p["pattern"]["String"]))
-        elif p["type"] == "ByteLevel":
-            if p.get("add_prefix_space"):
-                raise SwarrError(f"{where}: ByteLevel add_prefix_space is not supported")
-            if p.get("use_regex", True):
-                regexes.append(GPT2_SPLIT)
-        elif p["type"] == "Digits":
-            regexes.insert(0, r"\p{N}" if p.get("individual_digits") else r"\p{N}+")
-        else:
-            raise SwarrError(f"{where}: pre-tokenizer {p['type']!r} is not supported")
-    pat = "|".join(regexes) or r"[\s\S]+"  # no splitting at all: the whole text is one piece
-    _check_no_empty_match(pat, where)
-    return pat
-
-
-def _check_no_empty_match(pat: str, where: str):
-    """tiktoken panics (a Rust panic, not a Python error) on a piece of length 0, i.e. on a pre-tokenizer regex
-    that can match the empty string (`a*`, `x|`, a lone lookahead). Probe it on text of every character class."""
-    import regex  # tiktoken's own dependency; its syntax is close to the Rust regex tiktoken compiles
-    try:
-        compiled = regex.compile(pat)
-    except regex.error:
-        return  # tiktoken reports the syntax error itself
-    probe = "Hello, World! It's 2024: x^2 + 3.14 = y_1\n\n\t  café naïve 東京 🙂 ÿ \"q\" (a) [b] {c} <d> #@$%&*~`|"
-    for text in ["", probe, *probe]:
-        if any(m.start() == m.end() for m in compiled.finditer(text)):
-            raise SwarrError(f"{where}: the pre-tokenizer regex can match the empty string (in {text[:20]!r})")
-
-
-def check_tokenizer_json(tj: dict, path: str):
-    """The fields of a tokenizer.json that Tokenizer reads, checked with one error line each. Duplicate ids
-    are caught here: tiktoken would panic on them (a Rust panic, not a Python error)."""
-    model = tj.get("model")
-    if not isinstance(model, dict):
-        raise SwarrError(f"{path}: field 'model' must be an object")
-    vocab = model.get("vocab")
-    if not isinstance(vocab, dict):
-        raise SwarrError(f"{path}: model.vocab must be an object mapping tokens to ids, got {type(vocab).__name__}")
-    seen: dict[int, str] = {}
-    added = tj.get("added_tokens", [])
-    if not isinstance(added, list) or not all(isinstance(t, dict) for t in added):
-        raise SwarrError(f"{path}: added_tokens must be a list of objects")
-    for t in added:
-        if not isinstance(t.get("content"), str) or not t["content"]:
-            raise SwarrError(f"{path}: an added token has no 'content' string: {t!r}"[:300])
-    specials = {t["content"]: t.get("id") for t in added}
-    for kind, table in (("model.vocab", {k: v for k, v in vocab.items() if k not in specials}),
-                        ("added_tokens", specials)):
-        for tok, i in table.items():
-            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < 2 ** 31:
-                raise SwarrError(f"{path}: {kind}: token {tok!r} has id {i!r}, not an integer in [0, 2**31)")
-            if i in seen:
-                raise SwarrError(f"{path}: {kind}: id {i} is given to both {seen[i]!r} and {tok!r}")
-            seen[i] = tok
-    pre = tj.get("pre_tokenizer")
-    parts = pre.get("pretokenizers") if isinstance(pre, dict) and pre.get("type") == "Sequence" else [pre]
-    if pre is not None and (not isinstance(parts, list) or
-                            not all(isinstance(p, dict) and isinstance(p.get("type"), str) for p in parts)):
-        raise SwarrError(f"{path}: pre_tokenizer (and each of a Sequence's pretokenizers) needs a 'type'")
-    for p in parts if pre is not None else []:
-        pat = p.get("pattern")
-        if p["type"] == "Split" and not (isinstance(pat, dict) and (isinstance(pat.get("Regex"), str)
-                                                                    or isinstance(pat.get("String"), str))):
-            raise SwarrError(f"{path}: Split pre-tokenizer needs a pattern {{'Regex': ...}} or {{'String': ...}}")
-    norm = tj.get("normalizer")
-    if norm is not None and not (isinstance(norm, dict) and isinstance(norm.get("type"), str)):
-        raise SwarrError(f"{path}: normalizer needs a 'type'")
-
-
-class Tokenizer:
-    """Wraps a tiktoken.Encoding (`self.enc`) built from tokenizer.json; token ids are the checkpoint's ids."""
-
-    def __init__(self, path: str):
-        self.path = path
-        if not os.path.lexists(path):
-            raise SwarrError(f"{path}: tokenizer file not found")
-        self.json_text = read_text(path)
-        tj = read_json(path, self.json_text)
-        check_tokenizer_json(tj, path)
-        model = tj["model"]
-        if model.get("type") != "BPE":
-            raise SwarrError(f"{path}: tokenizer model {model.get('type')!r} is not supported (byte-level BPE only)")
-        byte_of = {c: b for b, c in _bytes_to_unicode().items()}
-        ranks = {}
-        for tok, i in model["vocab"].items():
-            try:
-                ranks[bytes(byte_of[c] for c in tok)] = i
-            except KeyError:
-                raise SwarrError(f"{path}: token {tok!r} is not byte-level BPE") from None
-        self.special = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
-        for s in self.special:
-            ranks.pop(s.encode(), None)
-        missing = [b for b in range(256) if bytes([b]) not in ranks]
-        if missing:  # byte-level BPE can spell any text only from all 256 bytes (tiktoken would panic)
-            raise SwarrError(f"{path}: model.vocab lacks {len(missing)} of the 256 single bytes "
-                             f"(e.g. {_bytes_to_unicode()[missing[0]]!r}); not a byte-level BPE vocabulary")
-        norm = (tj.get("normalizer") or {}).get("type")
-        if norm not in (None, "NFC"):
-            raise SwarrError(f"{path}: normalizer {norm!r} is not supported")
-        self.nfc = norm == "NFC"
-        try:
-            self.enc = tiktoken.Encoding(name=os.path.basename(os.path.dirname(os.path.abspath(path))) or "tok",
-                                         pat_str=_split_regex(tj.get("pre_tokenizer"), path),
-                                         mergeable_ranks=ranks, special_tokens=self.special)
-        except ValueError as e:  # tiktoken compiles the pre-tokenizer's regex (Rust regex syntax)
-            raise SwarrError(f"{path}: pre_tokenizer regex does not compile ({str(e).splitlines()[0]})") from None
-        self.vocab_size = max([*ranks.values(), *self.special.values()]) + 1
-
-    def encode(self, text: str) -> list[int]:
-        """Text -> ids. Special tokens written in the text (e.g. "<|im_start|>") are encoded as specials."""
-        if self.nfc:
-            text = unicodedata.normalize("NFC", text)
-        return self.enc.encode(text, allowed_special="all")
-
-    def decode(self, ids) -> str:
-        """Ids -> text. Ids without a token (checkpoints pad the embedding past the vocabulary) are skipped."""
-        ids = [int(i) for i in ids]
-        try:
-            data = self.enc.decode_bytes(ids)
-        except KeyError:
-            data = b"".join(self.enc.decode_single_token_bytes(i) for i in ids if self._known(i))
-        return data.decode("utf-8", errors="replace")
-
-    def _known(self, i: int) -> bool:
-        try:
-            self.enc.decode_single_token_bytes(i)
-            return True
-        except KeyError:
-            return False
-
-    def chat(self, user: str) -> str:
-        """Wrap one user message in the chat format the checkpoint was tuned with: ChatML (Qwen), Llama 3
-        headers, or plain text when the tokenizer has neither."""
-        if "<|im_start|>" in self.special:
-            return f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
-        if "<|start_header_id|>" in self.special:
-            return (f"<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|>"
-                    f"<|start_header_id|>assistant<|end_header_id|>\n\n")
-        return user
-
-    def stop_ids(self, cfg: Config) -> list[int]:
-        """Token ids that end a completion: the config's eos plus the chat end-of-turn tokens."""
-        eos = cfg.hf.get("eos_token_id")
-        ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-        ids |= {self.special[t] for t in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end_of_text|>")
-                if t in self.special}
-        return sorted(ids)
-
-
-# =====================================================================================================
 # checkpoint I/O: HF folders (config.json + safetensors, single or sharded) in and out
 # =====================================================================================================
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def read_text(path: str) -> str:
-    """The UTF-8 text of the regular file `path`, or one SwarrError naming the file. The file is opened
-    non-blocking and checked to be a regular file before reading: a FIFO would otherwise block forever."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except FileNotFoundError:
-        raise SwarrError(f"{path}: not found") from None
-    except OSError as e:  # a symlink loop, no permission, ...
-        raise SwarrError(f"{path}: cannot open ({e.strerror})") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):  # a folder, FIFO or device
-        os.close(fd)
-        raise SwarrError(f"{path}: not a regular file")
-    with open(fd, "rb") as f:
-        try:
-            return f.read().decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise SwarrError(f"{path}: not UTF-8 text (byte {e.start})") from None
-        except OSError as e:
-            raise SwarrError(f"{path}: cannot read ({e.strerror})") from None
-
-
-def read_json(path: str, text: str | None = None) -> dict:
-    """The JSON object in the file `path` (or in its `text`, already read), or one SwarrError naming the file."""
-    try:
-        data = json.loads(read_text(path) if text is None else text)
-    except json.JSONDecodeError as e:
-        raise SwarrError(f"{path}: malformed JSON ({e})") from None
-    except RecursionError:
-        raise SwarrError(f"{path}: JSON nested too deeply") from None
-    if not isinstance(data, dict):
-        raise SwarrError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 def _weight_files(path: str) -> dict[str, str]:
@@ -986,15 +774,16 @@ def export_config(model: Transformer, dtype) -> dict:
     if len(ws) > 1:
         raise SwarrError(f"HF configs hold one sliding_window for all windowed layers; this model has {sorted(ws)}")
     W = ws.pop() if ws else None
-    if cfg.arch.startswith("Qwen"):
+    if W is not None and None in windows:  # README "Exports": what transformers and vLLM each read
+        raise SwarrError(f"windows on {sum(w is not None for w in windows)} "
+                         f"of {len(windows)} layers cannot be exported: vLLM's Qwen2/Qwen3 refuse mixed layer_types "
+                         "(or window every layer) and transformers' Mistral windows every layer; window all layers")
+    if cfg.arch.startswith("Qwen"):  # all layers windowed or none: vLLM reads use_sliding_window + sliding_window
         hf["use_sliding_window"], hf["sliding_window"] = W is not None, W
-        hf["layer_types"] = ["sliding_attention" if w else "full_attention" for w in windows]
-        first = next((i for i, w in enumerate(windows) if w), len(windows))
-        if W is not None and all(windows[first:]):  # windowed layers form a suffix: max_window_layers says so
-            hf["max_window_layers"] = first
-    elif W is not None:  # Llama or Mistral: a windowed Llama is a Mistral (Llama + sliding_window, all layers)
-        if None in windows:
-            raise SwarrError("Llama/Mistral checkpoints can only be windowed on all layers (the Mistral format)")
+        hf["layer_types"] = ["sliding_attention" if W else "full_attention"] * len(windows)
+        if W is not None:
+            hf["max_window_layers"] = 0
+    elif W is not None:  # Llama or Mistral: a windowed Llama is a Mistral (Llama + sliding_window on every layer)
         hf.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=W)
         hf.pop("attention_bias", None), hf.pop("mlp_bias", None)
     elif cfg.arch == "MistralForCausalLM":
@@ -1082,7 +871,7 @@ def recover(path: str, clean: bool = True):
 
 
 def save(model: Transformer, tok: Tokenizer, path: str, extra_files: dict[str, str] | None = None):
-    """Write an HF folder (model.safetensors, config.json, tokenizer.json, + extra_files name -> text) at `path`.
+    """Write an HF folder (model.safetensors, config.json, the tokenizer's files, + extra_files name -> text) at `path`.
 
     Atomic at every instant (see recover above): `path` becomes a symlink to the complete folder `.NAME.vN`
     beside it. Load the checkpoint through `path`, with swarr.load or transformers' from_pretrained."""
@@ -1099,21 +888,17 @@ def save(model: Transformer, tok: Tokenizer, path: str, extra_files: dict[str, s
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
              if not (model.cfg.tie_embeddings and k == "lm_head.weight")}
     dtype = next(iter(state.values())).dtype
-    files = {"config.json": json.dumps(export_config(model, dtype), indent=2),  # raises before anything is written
-             "tokenizer.json": tok.json_text, **(extra_files or {})}
-    for src in ("tokenizer_config.json", "generation_config.json"):  # keep chat template & generation defaults
-        p = os.path.join(os.path.dirname(tok.path), src)
-        if os.path.isfile(p) and src not in files:
-            with open(p, encoding="utf-8") as f:
-                files[src] = f.read()
+    config = json.dumps(export_config(model, dtype), indent=2)  # raises before anything is written
+    # every tokenizer / chat template / generation-defaults file the checkpoint came with, byte for byte
+    files = {"tokenizer.json": tok.json_text, **tok.files, **(extra_files or {}), "config.json": config}
     version = os.path.join(parent, f".{name}.v{max([n for k, n in _leftovers(path).values() if k == 'v'] + [0]) + 1}")
     tmp = os.path.join(parent, f".{name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
     os.mkdir(tmp)  # (not mkdtemp: its folders stay private, 0700; this one gets the umask's usual mode)
     try:
         save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        for fname, text in files.items():
-            with open(os.path.join(tmp, fname), "w", encoding="utf-8") as f:
-                f.write(text)
+        for fname, data in files.items():
+            with open(os.path.join(tmp, fname), "wb") as f:
+                f.write(data.encode("utf-8") if isinstance(data, str) else data)
         for fname in os.listdir(tmp):
             _fsync(os.path.join(tmp, fname))
         _fsync(tmp)
@@ -1143,12 +928,13 @@ class Progress:
         print(f"{self.label} {done}/{self.total}  {extra}  elapsed {el:.0f}s  ETA {eta:.0f}s", file=self.stream, flush=True)
 
 
-def record_prompt(tok: Tokenizer, rec: dict, chat: bool = True) -> str:
-    """The prompt text for a record: its own "prompt" if it has one, else the math template in the chat format."""
+def record_prompt(tok: Tokenizer, rec: dict, chat: bool = True, system: str | None = None) -> str:
+    """The prompt text for a record: its own "prompt" if it has one, else the math template in the checkpoint's
+    chat template (after `system`, if given; many templates insert a default system message otherwise)."""
     if "prompt" in rec:
         return str(rec["prompt"])  # (a JSON number is a prompt too; the loaders have checked it is a scalar)
     text = grader.math_prompt(rec["question"])
-    return tok.chat(text) if chat else text
+    return tok.chat(text, system) if chat else text
 
 
 def majority(answers: list) -> str | None:
@@ -1168,7 +954,8 @@ def majority(answers: list) -> str | None:
 
 def evaluate(model: Transformer, tok: Tokenizer, records: list[dict], *, max_new_tokens: int = 512,
              batch_size: int = 16, samples: int = 1, temperature: float = 0.0, top_p: float = 1.0,
-             chat: bool = True, seed: int = 0, progress: bool = True) -> tuple[dict, list[dict]]:
+             chat: bool = True, system: str | None = None, seed: int = 0,
+             progress: bool = True) -> tuple[dict, list[dict]]:
     """Generate `samples` completions per record, grade each, and summarise.
 
     Returns (summary, rows): summary = {"n", "accuracy" (first sample per problem, pass@1), "mean_accuracy" and
@@ -1177,13 +964,14 @@ def evaluate(model: Transformer, tok: Tokenizer, records: list[dict], *, max_new
     was_training = model.training
     model.eval()
     stop = tok.stop_ids(model.cfg)
-    order = sorted(range(len(records)), key=lambda i: len(record_prompt(tok, records[i], chat)))
+    texts = [record_prompt(tok, r, chat, system) for r in records]
+    order = sorted(range(len(records)), key=lambda i: len(texts[i]))
     rows: list[dict] = [None] * (len(records) * samples)
     show = Progress("eval", len(records)) if progress else None
     done = 0
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
-        prompts = [tok.encode(record_prompt(tok, records[i], chat)) for i in idx]
+        prompts = [tok.encode(texts[i], add_special_tokens=not chat) for i in idx]  # raw: BOS per tokenizer.json
         g = generate(model, prompts, max_new_tokens, eos_ids=stop, temperature=temperature, top_p=top_p,
                      n_samples=samples, seed=seed + b)
         for r in range(len(idx) * samples):
@@ -1312,7 +1100,8 @@ def cmd_eval(a):
         raise SwarrError(f"{a.data}: no records to evaluate")
     model, tok = model_from_flags(a)
     summary, rows = evaluate(model, tok, records, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size,
-                             samples=a.samples, temperature=a.temperature, chat=not a.raw, seed=a.seed)
+                             samples=a.samples, temperature=a.temperature, chat=not a.raw, system=a.system,
+                             seed=a.seed)
     summary.update(model=a.model, data=a.data, window=a.window, windows=model.windows)  # windows: as run, per layer
     os.makedirs(out, exist_ok=True)
     write_text_atomic(os.path.join(out, "samples.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
@@ -1326,8 +1115,8 @@ def cmd_eval(a):
 
 def cmd_generate(a):
     model, tok = model_from_flags(a)
-    text = a.prompt if a.raw else tok.chat(a.prompt)
-    g = generate(model, [tok.encode(text)], a.max_new_tokens, eos_ids=tok.stop_ids(model.cfg),
+    ids = tok.encode(a.prompt, add_special_tokens=True) if a.raw else tok.encode(tok.chat(a.prompt, a.system))
+    g = generate(model, [ids], a.max_new_tokens, eos_ids=tok.stop_ids(model.cfg),
                  temperature=a.temperature, top_p=a.top_p, seed=a.seed)
     print(tok.decode(g.tokens[0, :int(g.lengths[0])].tolist()))
 
@@ -1344,6 +1133,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
         sp.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--system", default=None, help="system message for the chat template (default: its own)")
 
     g = sub.add_parser("generate", help="sample a completion for one prompt")
     common(g)

@@ -180,7 +180,8 @@ def run(args, model=None, tok=None, problems=None, held_out=None, reward_fn=None
     start = training.restore(args, model, optimizer, rec)  # --resume: the saved weights, moments and step
     device = next(model.parameters()).device
     if problems is None:
-        as_problem = lambda r: {"prompt": tok.chat(grader.math_prompt(r["question"])), "answer": r["answer"]}
+        as_problem = lambda r: {"prompt": tok.chat(grader.math_prompt(r["question"]), args.system),
+                                "answer": r["answer"]}
         problems = [as_problem(r) for r in records]
         if held_records is not None:
             held_out = [as_problem(r) for r in held_records]

@@ -64,7 +64,7 @@ def end_of_turn(tok: swarr.Tokenizer, cfg: swarr.Config) -> str:
     return tok.decode(tok.stop_ids(cfg)[:1])
 
 
-def sft_pair(tok: swarr.Tokenizer, cfg: swarr.Config, rec: dict) -> tuple[str, str]:
+def sft_pair(tok: swarr.Tokenizer, cfg: swarr.Config, rec: dict, system: str | None = None) -> tuple[str, str]:
     """A dataset record (grader.load_dataset) -> (prompt, response). GSM8K's '#### N' line becomes a \\boxed{N}
     ending and its <<calculator>> notes go; a MATH solution already ends in \\boxed{}; a record without a
     solution answers directly. Example (ChatML):
@@ -75,7 +75,7 @@ def sft_pair(tok: swarr.Tokenizer, cfg: swarr.Config, rec: dict) -> tuple[str, s
     sol, gsm8k = re.subn(r"\s*####.*$", "", sol, flags=re.S)
     if gsm8k or "\\boxed" not in sol:
         sol = f"{sol}\nThe answer is \\boxed{{{rec['answer']}}}.".lstrip()
-    return tok.chat(grader.math_prompt(rec["question"])), sol + end_of_turn(tok, cfg)
+    return tok.chat(grader.math_prompt(rec["question"]), system), sol + end_of_turn(tok, cfg)
 
 
 def tokenize(tok: swarr.Tokenizer, pairs: list, loss_on: str) -> list[tuple[list[int], int]]:
@@ -137,9 +137,9 @@ def run(args, model=None, tok=None, train=None, held_out=None, log=print, histor
     model, tok = training.load_model(args, model, tok)
     device = next(model.parameters()).device
     if train is None:
-        train = [sft_pair(tok, model.cfg, r) for r in records]
+        train = [sft_pair(tok, model.cfg, r, args.system) for r in records]
         if held_records is not None:
-            held_out = [sft_pair(tok, model.cfg, r) for r in held_records]
+            held_out = [sft_pair(tok, model.cfg, r, args.system) for r in held_records]
         else:
             train, held_out = training.split_held_out(train, args.held_out_frac, args.seed)
     examples = [e for e in tokenize(tok, train, args.loss_on) if len(e[0]) <= args.max_len]

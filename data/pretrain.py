@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 import swarr  # noqa: E402
 import synth  # noqa: E402
+import tokenizer  # noqa: E402
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 WORDS = ["direct", "step", " by", " step", " so", " left", "boxed", "user", "assistant"]  # one token each
@@ -54,7 +55,7 @@ def tokenizer_json(words=WORDS) -> dict:
     """A byte-level BPE tokenizer.json: the 256 bytes (ids 0-255), then the merges that make each of `words` one
     token, grown the way BPE training grows them (apply the merges so far, join the first remaining pair), then
     the special tokens. Digits are split one per token (pre-tokenizer Digits(individual_digits))."""
-    b2u = swarr._bytes_to_unicode()
+    b2u = tokenizer.bytes_to_unicode()
     vocab = {b2u[b]: b for b in range(256)}
     merges: list[list[str]] = []
     for w in words:

@@ -200,19 +200,13 @@ def test_save_load_roundtrip_and_transformers_reads_windows(ckpts, tmp_path):
             assert (model(idx) - hf_logits(out, idx)).abs().max().item() < 1e-4
 
 
-def test_partial_window_export_for_qwen(ckpts, tmp_path):
-    model, tok = swarr.load(str(ckpts["Qwen2ForCausalLM"]))
-    model.set_window(4, layers=[1])
-    swarr.save(model, tok, str(tmp_path / "m"))
-    cfg = json.load(open(tmp_path / "m" / "config.json"))
-    assert cfg["layer_types"] == ["full_attention", "sliding_attention"] and cfg["max_window_layers"] == 1
-    idx = torch.randint(0, 400, (1, 15))
-    with torch.no_grad():
-        assert (model(idx) - hf_logits(tmp_path / "m", idx)).abs().max().item() < 1e-4
-    llama, tok = swarr.load(str(ckpts["LlamaForCausalLM"]))
-    with pytest.raises(swarr.SwarrError, match="all layers"):
-        swarr.save(llama.set_window(4, layers=[0]), tok, str(tmp_path / "bad"))
-    assert not (tmp_path / "bad").exists()
+def test_partial_window_export_is_refused(ckpts, tmp_path):
+    """Some layers windowed, some not: no HF form that transformers and vLLM both run (tests/test_export.py)."""
+    for arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "LlamaForCausalLM"):
+        model, tok = swarr.load(str(ckpts[arch]))
+        with pytest.raises(swarr.SwarrError, match="1 of 2 layers cannot be exported.*window all layers"):
+            swarr.save(model.set_window(4, layers=[1]), tok, str(tmp_path / "bad"))
+        assert not (tmp_path / "bad").exists()
 
 
 def test_bfloat16_load(ckpts):

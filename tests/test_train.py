@@ -140,16 +140,16 @@ def test_sft_from_a_data_file_writes_what_swarr_and_transformers_load(ckpt, tmp_
     data.write_text("".join(json.dumps({"question": f"What is {a}+{a}?", "answer": f"{a}+{a}=<<{a}+{a}={2 * a}>>"
                                         f"{2 * a}\n#### {2 * a}"}) + "\n" for a in range(6)))
     out = tmp_path / "out"
-    train_sft.main(["--model", ckpt, "--data", str(data), "--out", str(out), "--window", "8", "--layers", "1",
+    train_sft.main(["--model", ckpt, "--data", str(data), "--out", str(out), "--window", "8", "--layers", "0,1",
                     "--max-steps", "3", "--batch-size", "2", "--held-out-frac", "0.34", "--eval-accuracy", "2",
                     "--max-new-tokens", "4", "--log-every", "1"])
     printed = capsys.readouterr().out
     print(printed)
     assert "4 training examples" in printed and "step 3/3  loss" in printed and "greedy accuracy" in printed
     model, _ = swarr.load(str(out / "model"))
-    assert model.windows == [None, 8]
+    assert model.windows == [8, 8]
     config = json.load(open(out / "model/train_config.json"))
-    assert config["step"] == 3 and config["window"] == 8 and config["windows"] == [None, 8]
+    assert config["step"] == 3 and config["window"] == 8 and config["windows"] == [8, 8]
     events = [json.loads(line)["event"] for line in open(out / "log.jsonl")]
     assert events.count("train") == 3 and events[-1] == "eval"
     hf_cfg = transformers.AutoConfig.from_pretrained(out / "model")
