@@ -18,7 +18,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -29,8 +28,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import grader
-# tokenizer.json (byte-level or SentencePiece BPE), chat templates, and the checked file readers
-from tokenizer import SwarrError, Tokenizer, read_json, read_text
+# strict reads and crash-safe writes (re-exported: swarr.SwarrError, swarr.read_json, swarr.recover, ...)
+from safe_io import (SwarrError, check_out_folder, pid_alive, read_json, read_text, recover, write_folder,
+                     write_text_atomic)
+# tokenizer.json (byte-level or SentencePiece BPE) and chat templates
+from tokenizer import Tokenizer
 
 
 
@@ -791,126 +793,24 @@ def export_config(model: Transformer, dtype) -> dict:
     return hf
 
 
-# ---- the atomic checkpoint switch ---------------------------------------------------------------------
-# save() never changes a checkpoint folder in place. It writes the complete new checkpoint into a hidden folder
-# `.NAME.vN` beside `path` and fsyncs it; then `path`, a symlink, is switched to it by one os.replace.
-# Whoever opens `path` (swarr.load, transformers, vLLM) finds the old checkpoint or the new one, at every
-# instant. Leftovers of an interrupted save (`.NAME.tmp-PID-*`: half-written; `.NAME.vN` not linked: old or
-# never switched to; `.NAME.link-PID-*`) are cleaned by recover(), which save() calls first (load() only relinks).
-def pid_alive(pid: int) -> bool:
-    """Whether process `pid` exists (on this machine)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):  # someone else's process / not a pid at all
-        return pid < 2 ** 31
-    return True
-
-
-def _fsync(path: str):
-    """Flush a file's or a folder's entry list to disk (after a rename, the folder holds the new name)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _leftovers(path: str) -> dict[str, tuple[str, int]]:
-    """Sibling entries save() makes for `path`: file name -> (kind 'v' | 'tmp' | 'link', version or pid)."""
-    parent, name = os.path.split(path)
-    try:
-        entries = os.listdir(parent)
-    except OSError:
-        return {}
-    pat = re.compile(rf"\.{re.escape(name)}\.(?:v(\d+)|(tmp|link)-(\d+)-[0-9a-f]+)")
-    found = {}
-    for f in entries:
-        m = pat.fullmatch(f)
-        if m:
-            found[f] = ("v", int(m[1])) if m[1] is not None else (m[2], int(m[3]))
-    return found
-
-
-def _link(path: str, target: str):
-    """Point the symlink `path` at the sibling folder `target`, atomically (also over an existing symlink)."""
-    parent, name = os.path.split(path)
-    link = os.path.join(parent, f".{name}.link-{os.getpid()}-{os.urandom(4).hex()}")
-    os.symlink(os.path.basename(target), link)  # relative: the run folder can be moved as a whole
-    try:
-        os.replace(link, path)
-    except BaseException:
-        if os.path.lexists(link):
-            os.remove(link)
-        raise
-    _fsync(parent)
-
-
-def recover(path: str, clean: bool = True):
-    """Finish or clean up what an interrupted save() left beside `path`: if `path` is missing (interrupted while
-    a plain folder was being replaced by the symlink), link it to the newest complete version; then (`clean`)
-    delete half-written folders of dead processes and versions `path` no longer points to. Never touches
-    `path`'s own checkpoint. Readers pass clean=False: a writer's new version, complete but not yet linked,
-    must not vanish under it (one writer per path: the training scripts lock their --out)."""
-    path = os.path.abspath(path.rstrip("/") or "/")
-    found = _leftovers(path)
-    versions = {n: f for f, (kind, n) in found.items() if kind == "v"}
-    if versions and not os.path.isdir(path) and (os.path.islink(path) or not os.path.lexists(path)):
-        _link(path, os.path.join(os.path.dirname(path), versions[max(versions)]))
-    if not clean or not os.path.isdir(path):  # no checkpoint here (or not ours): delete nothing
-        return
-    current = os.path.realpath(path)
-    for f, (kind, n) in found.items():
-        full = os.path.join(os.path.dirname(path), f)
-        if kind == "v" and os.path.realpath(full) != current or \
-                kind != "v" and (n == os.getpid() or not pid_alive(n)):
-            shutil.rmtree(full) if os.path.isdir(full) and not os.path.islink(full) else os.remove(full)
-
-
 def save(model: Transformer, tok: Tokenizer, path: str, extra_files: dict[str, str] | None = None):
     """Write an HF folder (model.safetensors, config.json, the tokenizer's files, + extra_files name -> text) at `path`.
 
-    Atomic at every instant (see recover above): `path` becomes a symlink to the complete folder `.NAME.vN`
+    Atomic at every instant (safe_io.write_folder): `path` becomes a symlink to the complete folder `.NAME.vN`
     beside it. Load the checkpoint through `path`, with swarr.load or transformers' from_pretrained."""
-    if not path or not os.path.basename(os.path.abspath(path)):
-        raise SwarrError(f"save: {path!r} is not a folder name")
-    path = os.path.abspath(path.rstrip("/"))
-    parent, name = os.path.split(path)
-    plain = os.path.isdir(path) and not os.path.islink(path)
-    if os.path.lexists(path) and not os.path.isdir(path) or \
-            plain and not os.path.isfile(os.path.join(path, "config.json")):  # never replace a folder of other files
-        raise SwarrError(f"{path}: exists and is not a checkpoint folder (no config.json); not replacing it")
-    os.makedirs(parent, exist_ok=True)
-    recover(path)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
              if not (model.cfg.tie_embeddings and k == "lm_head.weight")}
     dtype = next(iter(state.values())).dtype
     config = json.dumps(export_config(model, dtype), indent=2)  # raises before anything is written
     # every tokenizer / chat template / generation-defaults file the checkpoint came with, byte for byte
     files = {"tokenizer.json": tok.json_text, **tok.files, **(extra_files or {}), "config.json": config}
-    version = os.path.join(parent, f".{name}.v{max([n for k, n in _leftovers(path).values() if k == 'v'] + [0]) + 1}")
-    tmp = os.path.join(parent, f".{name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
-    os.mkdir(tmp)  # (not mkdtemp: its folders stay private, 0700; this one gets the umask's usual mode)
-    try:
-        save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+
+    def write(folder: str):
+        save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
         for fname, data in files.items():
-            with open(os.path.join(tmp, fname), "wb") as f:
+            with open(os.path.join(folder, fname), "wb") as f:
                 f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        for fname in os.listdir(tmp):
-            _fsync(os.path.join(tmp, fname))
-        _fsync(tmp)
-        os.rename(tmp, version)  # complete from here on: error handling never deletes it
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _fsync(parent)
-    if plain:  # a checkpoint folder another tool wrote becomes version 0; `path` is missing until _link below
-        os.rename(path, os.path.join(parent, f".{name}.v0"))  # (if cut there, recover() links the newest version)
-    _link(path, version)
-    recover(path)  # the previous version goes
+    write_folder(path, write)
 
 
 # =====================================================================================================
@@ -1047,33 +947,6 @@ def check_flags(a):
     if getattr(a, "window", None) is not None:
         check_window(a.window)
     check_device(a.device)
-
-
-def check_out_folder(out: str, flag: str = "--out"):
-    """Refuse now, before the work, an output folder that could not be written at the end: a path that is a
-    file, or a place where nothing can be created (no permission, read-only file system). Writes nothing."""
-    probe_in = out
-    while not os.path.lexists(probe_in):  # the nearest existing ancestor is where the folder will be made
-        probe_in = os.path.dirname(os.path.abspath(probe_in))
-    if not os.path.isdir(probe_in):
-        raise SwarrError(f"{flag} {out}: {probe_in} exists and is not a folder")
-    try:  # os.access says yes to root even on a read-only file system: really create something
-        os.rmdir(tempfile.mkdtemp(prefix=".swarr-probe-", dir=probe_in))
-    except OSError as e:
-        raise SwarrError(f"{flag} {out}: cannot write in {probe_in} ({e.strerror})") from None
-
-
-def write_text_atomic(path: str, text: str):
-    """Write a file through a temporary sibling and os.replace: an interrupted write leaves the old file whole."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.lexists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def model_from_flags(a) -> tuple[Transformer, Tokenizer]:

@@ -15,17 +15,13 @@ import heapq
 import json
 import os
 import re
-import stat
 import sys
 import unicodedata
 from datetime import datetime
 
 import tiktoken
 
-
-class SwarrError(Exception):
-    """A user-facing error: the command line prints its message as one line and exits with status 2.
-    (Defined here, in the lowest module that raises it; swarr re-exports it as swarr.SwarrError.)"""
+from safe_io import SwarrError, read_json, read_text
 
 
 GPT2_SPLIT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -128,40 +124,6 @@ def check_tokenizer_json(tj: dict, path: str):
     norm = tj.get("normalizer")
     if norm is not None and not (isinstance(norm, dict) and isinstance(norm.get("type"), str)):
         raise SwarrError(f"{path}: normalizer needs a 'type'")
-
-
-def read_text(path: str) -> str:
-    """The UTF-8 text of the regular file `path`, or one SwarrError naming the file. The file is opened
-    non-blocking and checked to be a regular file before reading: a FIFO would otherwise block forever."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except FileNotFoundError:
-        raise SwarrError(f"{path}: not found") from None
-    except OSError as e:  # a symlink loop, no permission, ...
-        raise SwarrError(f"{path}: cannot open ({e.strerror})") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):  # a folder, FIFO or device
-        os.close(fd)
-        raise SwarrError(f"{path}: not a regular file")
-    with open(fd, "rb") as f:
-        try:
-            return f.read().decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise SwarrError(f"{path}: not UTF-8 text (byte {e.start})") from None
-        except OSError as e:
-            raise SwarrError(f"{path}: cannot read ({e.strerror})") from None
-
-
-def read_json(path: str, text: str | None = None) -> dict:
-    """The JSON object in the file `path` (or in its `text`, already read), or one SwarrError naming the file."""
-    try:
-        data = json.loads(read_text(path) if text is None else text)
-    except json.JSONDecodeError as e:
-        raise SwarrError(f"{path}: malformed JSON ({e})") from None
-    except RecursionError:
-        raise SwarrError(f"{path}: JSON nested too deeply") from None
-    if not isinstance(data, dict):
-        raise SwarrError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 def _merge_pairs(merges: list) -> list[tuple[str, str]]:
@@ -372,7 +334,7 @@ class Tokenizer:
             ids = list(ranks.values())
             # tiktoken must be able to spell any text from single bytes (it would panic otherwise). Some real
             # vocabularies (SmolLM2's) lack a few rare control bytes: they get ids past the vocabulary.
-            extra = max([*ids, *self.special.values()]) + 1
+            extra = self.unspellable_from = max([*ids, *self.special.values()]) + 1
             for b in (b for b in range(256) if bytes([b]) not in ranks):
                 ranks[bytes([b])], extra = extra, extra + 1
             norm = [n["type"] for n in _parts(tj.get("normalizer"), "normalizers")]
@@ -443,6 +405,11 @@ class Tokenizer:
         add_special_tokens=True adds what the post_processor adds to a plain text (a raw prompt's BOS)."""
         if self.sp is None:
             ids = self.enc.encode(unicodedata.normalize("NFC", text) if self.nfc else text, allowed_special="all")
+            bad = [i for i in ids if i >= self.unspellable_from]
+            if bad:
+                raise SwarrError(f"{self.path}: the vocabulary cannot spell byte "
+                                 f"{self.enc.decode_single_token_bytes(bad[0])!r} "
+                                 "of the text (no token holds it)")
         else:
             ids, pos = [], 0
             for m in list(self.special_re.finditer(text)) if self.special_re else []:
