@@ -21,6 +21,7 @@ import os
 
 import torch
 
+import distributed
 import grader
 import swarr
 
@@ -44,6 +45,7 @@ def common_args(p: argparse.ArgumentParser, out: str) -> argparse.ArgumentParser
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0 = only at the end)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    distributed.add_args(p)  # --shard, --timeout (under torchrun)
     return p
 
 
@@ -107,7 +109,9 @@ def apply_window(model: swarr.Transformer, args) -> swarr.Transformer:
 
 def load_model(args, model=None, tok=None) -> tuple[swarr.Transformer, swarr.Tokenizer]:
     """The model a run starts from, windowed as the flags say: the one passed in, else --model. Under --resume
-    without --model, the run's own checkpoint (restore() then sets the same weights again)."""
+    without --model, the run's own checkpoint (restore() then sets the same weights again). Under torchrun the
+    process first joins the others (distributed.setup) and loads the whole model (wrap it next)."""
+    distributed.setup(args)
     if model is None:
         path = args.model or ""
         if args.resume and not args.model:
@@ -152,7 +156,8 @@ def check_finite(loss: float, step: int, out: str):
 def optimizer_step(model: swarr.Transformer, optimizer: torch.optim.Optimizer, clip: float) -> float:
     """Clip the accumulated gradient's norm to `clip`, take the step, clear the gradient. Returns the norm
     before clipping."""
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)  # of the whole gradient, also under FSDP2
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
@@ -161,11 +166,12 @@ def optimizer_step(model: swarr.Transformer, optimizer: torch.optim.Optimizer, c
 # ---- records ---------------------------------------------------------------------------------------------
 class Recorder:
     """Where a run's numbers go: `log` gets a line for people; `history` (a list, if given) and out/log.jsonl get
-    one dict per event, e.g. {"event": "train", "step": 10, "loss": 0.41, ...}."""
+    one dict per event, e.g. {"event": "train", "step": 10, "loss": 0.41, ...}. Under torchrun only rank 0 logs
+    and writes (every rank's `history` gets the dicts)."""
 
     def __init__(self, out: str, log, history: list | None):
-        self.log, self.history = log, history
-        self.path = os.path.join(out, "log.jsonl") if out else None
+        self.log, self.history = (log if distributed.is_main() else lambda line: None), history
+        self.path = os.path.join(out, "log.jsonl") if out and distributed.is_main() else None
         if self.path:
             os.makedirs(out, exist_ok=True)
 
@@ -184,11 +190,16 @@ class Recorder:
 def save_checkpoint(out: str, model, tok, optimizer, step: int, args):
     """out/model (swarr.save, atomic; train_config.json records args and step) + out/trainer_state-<step>.pt.
     The state file is written before the model and older ones are deleted after it, so an interruption at any
-    moment leaves a model folder whose step has a state file."""
+    moment leaves a model folder whose step has a state file. Under torchrun every process takes part (the
+    shards are gathered) and rank 0 writes the same files."""
+    model, optim = distributed.full_state(model, optimizer)
+    if not distributed.is_main():
+        return
     name = f"trainer_state-{step}.pt"
-    torch.save({"step": step, "optimizer": optimizer.state_dict()}, os.path.join(out, name + ".tmp"))
+    torch.save({"step": step, "optimizer": optim}, os.path.join(out, name + ".tmp"))
     os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
-    config = json.dumps({**vars(args), "step": step, "windows": model.windows}, indent=2)
+    config = json.dumps({**vars(args), "step": step, "windows": model.windows, "world_size": distributed.world()},
+                        indent=2)
     swarr.save(model, tok, os.path.join(out, "model"), extra_files={"train_config.json": config})
     for f in os.listdir(out):
         if f.startswith("trainer_state-") and f != name:
@@ -203,12 +214,17 @@ def save_if_due(args, model, tok, optimizer, done: int, total: int, rec: Recorde
 
 
 def resumed_step(out: str) -> int:
-    """The step of the checkpoint that save_checkpoint left in `out`."""
+    """The step of the checkpoint that save_checkpoint left in `out` (which must have been written by as many
+    processes as this run has: a step's batch depends on it)."""
     cfg_path = os.path.join(out or "", "model", "train_config.json")
     if not os.path.isfile(cfg_path):
         raise swarr.SwarrError(f"--resume: {cfg_path} not found; nothing to resume")
     with open(cfg_path) as f:
-        return json.load(f)["step"]
+        saved = json.load(f)
+    if saved.get("world_size", 1) != distributed.world():
+        raise swarr.SwarrError(f"--resume: {out} was trained by {saved.get('world_size', 1)} process(es); resume it "
+                               f"with as many (this run has {distributed.world()})")
+    return saved["step"]
 
 
 def restore(args, model: swarr.Transformer, optimizer: torch.optim.Optimizer, rec: Recorder) -> int:
@@ -217,13 +233,19 @@ def restore(args, model: swarr.Transformer, optimizer: torch.optim.Optimizer, re
     if not args.resume:
         return 0
     step = resumed_step(args.out)
-    saved, _ = swarr.load(os.path.join(args.out, "model"), args.dtype, "cpu")
-    try:
-        model.load_state_dict(saved.state_dict())
-    except RuntimeError:
-        raise swarr.SwarrError(f"--resume: {args.out}/model is not a checkpoint of this model (--model)") from None
-    device = next(model.parameters()).device
-    state = torch.load(os.path.join(args.out, f"trainer_state-{step}.pt"), map_location=device, weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    weights = optim = None  # read by rank 0 only; under torchrun it sends each process its part
+    if distributed.is_main():
+        weights = swarr.load(os.path.join(args.out, "model"), args.dtype, "cpu")[0].state_dict()
+        optim = torch.load(os.path.join(args.out, f"trainer_state-{step}.pt"), map_location="cpu",
+                           weights_only=True)["optimizer"]
+    fits = weights is None or {k: v.shape for k, v in weights.items()} == \
+        {k: v.shape for k, v in model.state_dict().items()}
+    if distributed.all_sum(float(fits))[0] < distributed.world():
+        raise swarr.SwarrError(f"--resume: {args.out}/model is not a checkpoint of this model (--model)")
+    if distributed.world() == 1:
+        model.load_state_dict(weights)
+        optimizer.load_state_dict(optim)
+    else:
+        distributed.load_full_state(model, optimizer, weights, optim)
     rec(f"resumed from {args.out}/model at step {step}")
     return step
