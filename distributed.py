@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import re
 import sys
 
 import torch
@@ -180,9 +181,9 @@ def unsharded(model):
     all-gather, parameter by parameter; every process must call this at the same point)."""
     if not _is_sharded(model):
         return model
-    plain = getattr(model, "_unsharded", None)
+    plain = model.__dict__.get("_unsharded")  # (kept out of the module's children: not a part of its state)
     if plain is None:
-        plain = model._unsharded = _plain_like(model, next(model.parameters()).device)
+        plain = model.__dict__["_unsharded"] = _plain_like(model, next(model.parameters()).device)
     for p, q in zip(model.parameters(), plain.parameters()):  # same order, ties counted once in both
         q.copy_(p.full_tensor())
     return plain.eval()
@@ -206,12 +207,12 @@ def full_state(model, optimizer) -> tuple:
     return plain, optim
 
 
-def load_full_state(model, optimizer, weights: dict | None, optim: dict | None):
-    """The inverse of full_state: rank 0 passes the whole weights and optimizer state, the others None; every
-    process receives its part (a broadcast from rank 0, so only rank 0 reads the files)."""
+def load_full_state(model, optimizer, weights: dict, optim: dict):
+    """The inverse of full_state: every process passes the whole weights and optimizer state (read from the files
+    that rank 0 wrote, on a filesystem all processes see) and keeps its part."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-    set_state_dict(model, optimizer, model_state_dict=weights or {}, optim_state_dict=optim or {},
-                   options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optim,
+                   options=StateDictOptions(full_state_dict=True))
 
 
 def run_cli(fn, *args):
@@ -220,11 +221,13 @@ def run_cli(fn, *args):
     and exit 1 (no traceback, no hang)."""
     try:
         swarr.run_cli(fn, *args)
-    except (dist.DistError, RuntimeError) as e:
-        if world() == 1:
+    except RuntimeError as e:  # (dist.DistError is one; gloo's errors inside DDP's hook arrive as plain ones)
+        lost = isinstance(e, dist.DistError) or any(w in str(e) for w in ("gloo", "NCCL", "Connection", "imed out"))
+        if world() == 1 or not lost:
             raise
         why = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-        print(f"error: process {rank()} of {world()} lost contact with the others, stopping ({why[:200]})",
+        why = re.sub(r"^.*\.(cc|cpp):\d+\] ", "", why).split(". This is typically")[0]  # gloo's message, no source
+        print(f"error: process {rank()} of {world()} lost contact with the others, stopping ({why[:160]})",
               file=sys.stderr)
         os._exit(1)  # skip the process group's teardown, which could wait for the lost process
     if dist.is_initialized():

@@ -233,15 +233,11 @@ def restore(args, model: swarr.Transformer, optimizer: torch.optim.Optimizer, re
     if not args.resume:
         return 0
     step = resumed_step(args.out)
-    weights = optim = None  # read by rank 0 only; under torchrun it sends each process its part
-    if distributed.is_main():
-        weights = swarr.load(os.path.join(args.out, "model"), args.dtype, "cpu")[0].state_dict()
-        optim = torch.load(os.path.join(args.out, f"trainer_state-{step}.pt"), map_location="cpu",
-                           weights_only=True)["optimizer"]
-    fits = weights is None or {k: v.shape for k, v in weights.items()} == \
-        {k: v.shape for k, v in model.state_dict().items()}
-    if distributed.all_sum(float(fits))[0] < distributed.world():
+    weights = swarr.load(os.path.join(args.out, "model"), args.dtype, "cpu")[0].state_dict()
+    if {k: v.shape for k, v in weights.items()} != {k: v.shape for k, v in model.state_dict().items()}:
         raise swarr.SwarrError(f"--resume: {args.out}/model is not a checkpoint of this model (--model)")
+    state_file = os.path.join(args.out, f"trainer_state-{step}.pt")
+    optim = torch.load(state_file, map_location="cpu", weights_only=True)["optimizer"]
     if distributed.world() == 1:
         model.load_state_dict(weights)
         optimizer.load_state_dict(optim)
