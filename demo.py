@@ -1,6 +1,6 @@
 """The main job: the SWARR finding, end to end, on the embedded default (a CPU, a few minutes).
 
-    python swarr.py demo [--seed 0] [--window 40] [--quick] [--model DIR --data FILE] [--out runs/demo]
+    python demo.py [--seed 0] [--window 40] [--quick] [--model DIR --data FILE] [--out runs/demo]
 
 From one pretrained self-attention (SA) model (data/tiny-sa, 0.83M parameters, pretrained by data/pretrain.py)
 and one synthetic task (data/synth.py: sums of products, whose SFT traces are written "for SA"), it runs
@@ -55,7 +55,7 @@ QUICK_RL = dict(steps=20, lr=3e-4)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="swarr.py demo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="demo.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--seed", type=int, default=0, help="data split, batch order, sampling (default 0)")
     p.add_argument("--window", type=int, default=40, help="the SWA window W, keys per query (default 40)")
     p.add_argument("--quick", action="store_true", help="RL 20 steps at a higher lr, 100 test problems (~1.5 min)")

@@ -1,14 +1,19 @@
 """SWARR: convert a pretrained transformer to sliding-window attention, then win back its accuracy with RL.
 
-One file, meant to be read top to bottom: config -> model -> attention backends -> KV caches and generation
--> tokenizer and checkpoint I/O -> math answers -> eval -> command line. See README.md.
+One file, meant to be read top to bottom: config -> model -> attention (reference | compiled extension)
+-> KV caches, prefill and decode through the same forward, generation -> tokenizer and checkpoint I/O
+-> eval -> command line; then an appendix with the plumbing (building the extension, CUDA graphs).
+The math grader lives in grader.py. See README.md.
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import hashlib
 import json
 import math
 import os
+import platform
 import re
 import shutil
 import sys
@@ -165,7 +170,7 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm, self.k_norm = RMSNorm(D, cfg.norm_eps), RMSNorm(D, cfg.norm_eps)
 
-    def qkv(self, x, cos, sin):
+    def forward(self, x, cos, sin, cache: "KVCache | None" = None):
         B, T, _ = x.shape
         c = self.cfg
         q = self.q_proj(x).view(B, T, c.n_heads, c.head_dim)
@@ -174,16 +179,14 @@ class Attention(nn.Module):
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
-
-    def forward(self, x, cos, sin, cache: "KVCache | None" = None):
-        B, T, _ = x.shape
-        q, k, v = self.qkv(x, cos, sin)
-        if cache is None:                       # training / prefill: the whole sequence at once
-            y = attention(q, k, v, self.window)
-        else:                                   # decode: one token per row, at each row's own position
-            cache.write(k[:, :, 0], v[:, :, 0])
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # at absolute positions, before any caching
+        if cache is not None and T == 1:  # decode: the new key joins the cache, the query attends over the cache
+            cache.write(k, v)
             y = decode(q[:, :, 0], cache.k, cache.v, cache.valid())[:, :, None]
+        else:  # the whole sequence at once: training, or a prompt (prefill), whose keys then fill the cache
+            y = attention(q, k, v, self.window)
+            if cache is not None:
+                cache.write(k, v)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -249,19 +252,27 @@ class Transformer(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]           # (B, 1, T, D)
         return (emb.cos() * self._rope_scale).to(dtype), (emb.sin() * self._rope_scale).to(dtype)
 
-    def forward(self, idx, pos=None, caches=None):
-        """idx (B, T) token ids -> logits (B, T, vocab). pos (B, T) absolute positions (default 0..T-1).
-        With `caches` (decode, T == 1) each layer writes its new key/value into its cache and attends over it."""
+    def forward(self, idx, pos=None, caches=None, last_only: bool = False):
+        """idx (B, T) token ids -> logits (B, T, vocab), or (B, 1, vocab) with last_only (generation needs no more,
+        and a long prompt's (T, vocab) logits can outweigh the model). pos (B, T): absolute positions, by default
+        0..T-1, or with `caches` each row's next positions. With `caches` (one per layer) every layer writes its
+        new keys/values into its cache: T > 1 is a prompt filling empty caches (prefill), T = 1 a decode step."""
         B, T = idx.shape
+        if caches is not None and T > 1 and bool(caches[0].pos.any()):
+            raise SwarrError(f"{T} tokens at once need empty caches (a prompt); continue one token at a time")
         if pos is None:
-            pos = torch.arange(T, device=idx.device).expand(B, T)
+            start = caches[0].pos[:, None] if caches is not None else 0
+            pos = start + torch.arange(T, device=idx.device).expand(B, T)
         x = self.model.embed_tokens(idx)
         cos, sin = self.rope(pos, x.dtype)
         for i, blk in enumerate(self.model.layers):
-            if self.checkpointing and self.training:
+            cache = None if caches is None else caches[i]
+            if self.checkpointing and self.training and cache is None:
                 x = torch.utils.checkpoint.checkpoint(blk, x, cos, sin, use_reentrant=False)
             else:
-                x = blk(x, cos, sin, None if caches is None else caches[i])
+                x = blk(x, cos, sin, cache)
+        if last_only:
+            x = x[:, -1:]
         return self.lm_head(self.model.norm(x))
 
 
@@ -304,68 +315,15 @@ def decode_ref(q, k_cache, v_cache, valid, scale: float | None = None) -> torch.
                                          attn_mask=mask[:, None, None, :], scale=scale)
     return out[:, :, 0]
 
-# ---- compiled extension (csrc/) -- filled in by the csrc issue ----
-# >>> EXTENSION SECTION START
+
+# ---- the compiled extension (csrc/) ----
 # csrc/ implements the same two functions (plus the backward) as compiled kernels: C++ on the CPU everywhere,
-# CUDA where a GPU (compute capability >= 8.0) and nvcc are present. They are built on first use with
-# torch.utils.cpp_extension (ninja) into ./build/ (later imports load the cached library instantly) and registered
-# as torch.ops.swarr.fwd / bwd / decode. If the build fails, one line on stderr says why and the reference is used.
-# SWARR_BACKEND=auto|ext|ref picks the backend (set_backend does the same); SWARR_POISON=1 makes the kernels
-# NaN-fill their outputs before writing them (tests use it to catch unwritten elements).
-_ROOT = os.path.dirname(os.path.abspath(__file__))
+# CUDA where a GPU (compute capability >= 8.0) and nvcc are present, registered as torch.ops.swarr.fwd / bwd /
+# decode. load_extension (in the appendix at the end of this file) builds them on first use; if the build fails,
+# one line on stderr says why and the reference computes the same thing. SWARR_BACKEND=auto|ext|ref picks the
+# backend (set_backend does the same); SWARR_POISON=1 makes the kernels NaN-fill their outputs before writing
+# them (tests use it to catch unwritten elements).
 _BACKEND = os.environ.get("SWARR_BACKEND", "auto")
-_EXT: dict = {}  # filled by load_extension: {"ops": torch.ops.swarr or None, "cuda": bool, "why": str}
-
-
-def _build_name(with_cuda: bool) -> str:
-    """Library name, unique per CPU + torch version: the CPU code is built with -march=native, so a build folder
-    shared between machines must never hand one processor a library compiled for another."""
-    import hashlib
-    import platform
-    cpu = platform.processor()
-    if os.path.exists("/proc/cpuinfo"):  # Linux: the model name and the instruction-set flags
-        with open("/proc/cpuinfo") as f:
-            cpu = "".join(sorted({line for line in f if line.startswith(("model name", "flags", "Features"))}))
-    tag = hashlib.sha1(f"{cpu}|{platform.machine()}|{torch.__version__}".encode()).hexdigest()[:10]
-    return f"swarr_ext_{tag}" + ("_cuda" if with_cuda else "")
-
-
-def load_extension():
-    """Build (first time) and load csrc/; returns torch.ops.swarr, or None if it cannot be built."""
-    if _EXT:
-        return _EXT["ops"]
-    import platform
-    import shutil
-    from torch.utils import cpp_extension
-    with_cuda = (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
-                 and cpp_extension.CUDA_HOME is not None
-                 and os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")))
-    name = _build_name(with_cuda)
-    build_dir = os.path.join(_ROOT, "build", name)
-    sources = [os.path.join(_ROOT, "csrc", "swa_cpu.cpp")]
-    sources += [os.path.join(_ROOT, "csrc", f) for f in ("swa_cuda.cpp", "swa_cuda.cu")] if with_cuda else []
-    # -fopenmp: at::parallel_for is header code and threads only when compiled with OpenMP (the process's one
-    # libgomp, already loaded by torch, is shared). -ffp-contract=fast: fused multiply-adds (off in ISO C++ mode).
-    cflags = ["-O3", "-fopenmp", "-ffp-contract=fast"]
-    if platform.machine() in ("x86_64", "AMD64"):
-        cflags += ["-march=native", "-mprefer-vector-width=512"]  # built where it runs; see _build_name
-    try:
-        if shutil.which(os.environ.get("CXX", "c++")) is None:
-            raise RuntimeError(f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH")
-        cpp_extension.verify_ninja_availability()
-        os.makedirs(build_dir, exist_ok=True)
-        if not os.path.exists(os.path.join(build_dir, name + ".so")):
-            print(f"swarr: compiling csrc/ into build/{name} (first use only, under a minute)", file=sys.stderr)
-        cpp_extension.load(name=name, sources=sources, build_directory=build_dir, with_cuda=with_cuda,
-                           extra_cflags=cflags, extra_ldflags=["-fopenmp"], extra_cuda_cflags=["-O3", "-lineinfo"],
-                           is_python_module=False)
-        _EXT.update(ops=torch.ops.swarr, cuda=with_cuda, why="")
-    except Exception as e:  # a failed build must never stop the library: the reference computes the same thing
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        why = next((ln for ln in lines if "error:" in ln), lines[0] if lines else type(e).__name__)  # 1st diagnostic
-        _EXT.update(ops=None, cuda=False, why=why[:300])
-        print(f"swarr: compiled attention unavailable ({_EXT['why']}); using the PyTorch reference", file=sys.stderr)
-    return _EXT["ops"]
 
 
 def set_backend(name: str):
@@ -437,12 +395,15 @@ def decode(q, k_cache, v_cache, valid, scale: float | None = None) -> torch.Tens
     out = torch.ops.swarr.decode(q.to(dt).contiguous(), k_cache.to(dt).contiguous(), v_cache.to(dt).contiguous(),
                                  valid, scale)
     return out.to(q.dtype)
-# <<< EXTENSION SECTION END
+
 
 # =====================================================================================================
 # KV caches and generation. A full-attention layer caches every position; a sliding-window layer caches
 # exactly W slots, slot = position % W, so its memory stays constant however long generation runs.
 # Keys are cached after RoPE at their absolute position, so the order of the slots does not matter.
+# Prefill and decode are both Transformer.forward with caches: a prompt is attended at once by the windowed
+# kernel and leaves its keys in the caches (the last W for a window); a decode step adds one key and attends
+# over the cache, whose W slots are exactly the window.
 # =====================================================================================================
 class KVCache:
     def __init__(self, B: int, n_kv_heads: int, head_dim: int, slots: int, window: int | None, dtype, device):
@@ -459,23 +420,24 @@ class KVCache:
         """(B,) number of filled slots per row: min(tokens seen, slots)."""
         return self.pos.clamp(max=self.slots)
 
-    def prefill(self, row: int, k, v):
-        """Store one row's prompt keys/values (Hkv, T, D): all of them, or only the last W for a window."""
-        T = k.shape[1]
-        if T > self.slots and self.window is None:
-            raise SwarrError(f"prompt of {T} tokens does not fit the cache of {self.slots}")
-        keep = torch.arange(max(0, T - self.slots), T, device=k.device)
-        self.k[row, :, keep % self.slots] = k[:, keep]
-        self.v[row, :, keep % self.slots] = v[:, keep]
-        self.pos[row] = T
-
     def write(self, k, v):
-        """Decode: store one new key/value per row (B, Hkv, D) at slot pos % S, then advance."""
-        slot = self.pos % self.slots
-        rows = torch.arange(k.shape[0], device=k.device)
-        self.k[rows, :, slot] = k
-        self.v[rows, :, slot] = v
-        self.pos += 1
+        """Store T new keys/values per row (B, Hkv, T, D) at positions pos .. pos+T-1, slot = position % S, then
+        advance pos by T. Of a prompt longer than a window only the last W are stored: the rest would be overwritten."""
+        T = k.shape[2]
+        if T > 1 and self.window is None and int(self.pos.max()) + T > self.slots:  # (decode_loop checks T = 1 once)
+            raise SwarrError(f"a prompt of {T} tokens does not fit the cache of {self.slots}")
+        keep = torch.arange(max(0, T - self.slots), T, device=k.device)
+        slot = (self.pos[:, None] + keep) % self.slots                    # (B, T')
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        self.k[rows, :, slot] = k[:, :, keep].transpose(1, 2)             # indexed (B, T', Hkv, D)
+        self.v[rows, :, slot] = v[:, :, keep].transpose(1, 2)
+        self.pos += T
+
+    def row(self, r: int) -> "KVCache":
+        """Row r of this cache as a cache of one row that shares its memory: writes to it land in this one."""
+        view = copy.copy(self)
+        view.k, view.v, view.pos = self.k[r:r + 1], self.v[r:r + 1], self.pos[r:r + 1]
+        return view
 
     def repeat_rows(self, n: int) -> "KVCache":
         """Each row repeated n times (row r -> rows r*n .. r*n+n-1): G samples from one prefill."""
@@ -496,26 +458,13 @@ def make_caches(model: Transformer, B: int, max_len: int) -> list[KVCache]:
 
 @torch.no_grad()
 def prefill(model: Transformer, prompts: list[list[int]], caches: list[KVCache]) -> torch.Tensor:
-    """Run each prompt once over its whole length (windowed kernel), fill row r of every cache, and return
-    the logits of each prompt's last token (B, vocab). Rows of different lengths are simply run one by one."""
+    """Run each prompt through the model's forward, which fills row r of every cache, and return the logits of
+    each prompt's last token (B, vocab). Rows of different lengths are simply run one by one."""
     dev = next(model.parameters()).device
-    last = []
-    for r, toks in enumerate(prompts):
-        if not toks:
-            raise SwarrError("cannot generate from an empty prompt")
-        idx = torch.tensor([toks], device=dev)
-        pos = torch.arange(len(toks), device=dev)[None]
-        x = model.model.embed_tokens(idx)
-        cos, sin = model.rope(pos, x.dtype)
-        for blk, cache in zip(model.model.layers, caches):
-            h = blk.input_layernorm(x)
-            q, k, v = blk.self_attn.qkv(h, cos, sin)
-            cache.prefill(r, k[0], v[0])
-            y = attention(q, k, v, blk.self_attn.window)
-            x = x + blk.self_attn.o_proj(y.transpose(1, 2).reshape(1, len(toks), -1))
-            x = x + blk.mlp(blk.post_attention_layernorm(x))
-        last.append(model.lm_head(model.model.norm(x[:, -1])))
-    return torch.cat(last)
+    if not all(prompts):
+        raise SwarrError("cannot generate from an empty prompt")
+    return torch.cat([model(torch.tensor([toks], device=dev), caches=[c.row(r) for c in caches], last_only=True)[:, -1]
+                      for r, toks in enumerate(prompts)])
 
 
 def sample(logits, temperature: float, top_p: float, gen: torch.Generator | list | None):
@@ -566,7 +515,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
 
 @torch.no_grad()
 def decode_loop(model: Transformer, caches: list[KVCache], logits, max_new_tokens: int, *, eos_ids=(),
-                temperature: float = 0.0, top_p: float = 1.0, generator=None, cuda_graph: bool = True) -> Generation:
+                temperature: float = 0.0, top_p: float = 1.0, generator=None) -> Generation:
     """Sample from `logits` (B, vocab), feed the token back one step at a time until every row has hit a stop
     token or max_new_tokens. On CUDA the one-token step is replayed from a captured CUDA graph (at small batch,
     launching ~20 kernels per layer would otherwise cost more than the step's memory traffic)."""
@@ -574,8 +523,8 @@ def decode_loop(model: Transformer, caches: list[KVCache], logits, max_new_token
     for c in caches:
         if c.window is None and int(c.pos.max()) + max_new_tokens - 1 > c.slots:
             raise SwarrError(f"the full-attention cache ({c.slots} slots) cannot hold {max_new_tokens} more tokens")
-    step = CudaGraphStep(model, caches, B) if cuda_graph and dev.type == "cuda" else \
-        (lambda tok: model(tok[:, None], pos=caches[0].pos[:, None].clone(), caches=caches)[:, -1])
+    step = CudaGraphStep(model, caches, B) if dev.type == "cuda" else \
+        (lambda tok: model(tok[:, None], caches=caches)[:, -1])
     eos = torch.tensor(list(eos_ids) or [-1], device=dev)
     out = torch.full((B, max_new_tokens), int(eos[0].clamp(min=0)), dtype=torch.long, device=dev)
     lengths = torch.zeros(B, dtype=torch.long, device=dev)
@@ -589,38 +538,6 @@ def decode_loop(model: Transformer, caches: list[KVCache], logits, max_new_token
             break
         logits = step(tok)
     return Generation(out[:, :int(lengths.max()) if B else 0], lengths, done, caches)
-
-
-class CudaGraphStep:
-    """The decode step `tok (B,) -> logits (B, vocab)` captured once as a CUDA graph and replayed. The caches are
-    preallocated and updated in place (positions included), so the graph's memory addresses never change. The
-    first two calls run eagerly (they are real steps, and warm up cuBLAS and the kernels before capture)."""
-
-    def __init__(self, model, caches, B):
-        self.model, self.caches, self.calls, self.graph = model, caches, 0, None
-        self.tok = torch.zeros(B, 1, dtype=torch.long, device=caches[0].k.device)
-
-    def run(self):
-        return self.model(self.tok, pos=self.caches[0].pos[:, None].clone(), caches=self.caches)[:, -1]
-
-    def __call__(self, tok):
-        self.tok.copy_(tok[:, None])
-        self.calls += 1
-        if self.calls == 1:  # warm-up on a side stream, as CUDA graph capture requires
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                out = self.run()
-            torch.cuda.current_stream().wait_stream(s)
-            return out
-        if self.graph is None:
-            out = self.run()  # a real step, then capture (capturing records kernels without running them)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.logits = self.run()
-            return out
-        self.graph.replay()
-        return self.logits.clone()
 
 
 # =====================================================================================================
@@ -882,7 +799,6 @@ def save(model: Transformer, tok: Tokenizer, path: str, extra_files: dict[str, s
         raise
 
 
-
 # =====================================================================================================
 # eval: batched generation + grading, with a summary and one JSONL row per completion
 # =====================================================================================================
@@ -977,6 +893,9 @@ def summarise(rows: list[dict], samples: int) -> dict:
     return s
 
 
+# =====================================================================================================
+# command line
+# =====================================================================================================
 def check_flags(a):
     """Numbers a command line cannot mean: one error line each, before anything loads."""
     for flag, ok, want in (("--samples", getattr(a, "samples", 1) >= 1, "at least 1"),
@@ -1021,9 +940,7 @@ def cmd_eval(a):
     print(f"{line}; mean length {summary['mean_length']:.1f} tokens; truncated {summary['truncated']:.1%}; "
           f"wrote {out}/summary.json and {out}/samples.jsonl")
 
-# =====================================================================================================
-# command line
-# =====================================================================================================
+
 def cmd_generate(a):
     model, tok = model_from_flags(a)
     text = a.prompt if a.raw else tok.chat(a.prompt)
@@ -1034,6 +951,7 @@ def cmd_generate(a):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="swarr.py", description=__doc__.split("\n\n")[0],
+                                epilog="The whole recipe on the embedded tiny model and task: python demo.py",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
 
@@ -1065,8 +983,6 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="folder for summary.json and samples.jsonl (default runs/eval-MODEL)")
     e.set_defaults(func=cmd_eval)
 
-    sub.add_parser("demo", add_help=False, help="the main job: SA+SFT, SWA+SFT, SWARR and a control on the embedded "
-                   "tiny model and task, a few minutes on a CPU (python swarr.py demo --help: its flags, in demo.py)")
     return p
 
 
@@ -1080,12 +996,95 @@ def run_cli(fn, *args):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["demo"]:  # demo.py runs train_sft/train_rl, which import this file: import it lazily
-        import demo
-        return demo.main(argv[1:])
     args = build_parser().parse_args(argv)
     run_cli(args.func, args)
+
+
+# =====================================================================================================
+# appendix: plumbing. Building and loading the compiled extension; the CUDA-graph decode step.
+# =====================================================================================================
+_ROOT = os.path.dirname(os.path.abspath(__file__))
+_EXT: dict = {}  # filled by load_extension: {"ops": torch.ops.swarr or None, "cuda": bool, "why": str}
+
+
+def _build_name(with_cuda: bool) -> str:
+    """Library name, unique per CPU + torch version: the CPU code is built with -march=native, so a build folder
+    shared between machines must never hand one processor a library compiled for another."""
+    cpu = platform.processor()
+    if os.path.exists("/proc/cpuinfo"):  # Linux: the model name and the instruction-set flags
+        with open("/proc/cpuinfo") as f:
+            cpu = "".join(sorted({line for line in f if line.startswith(("model name", "flags", "Features"))}))
+    tag = hashlib.sha1(f"{cpu}|{platform.machine()}|{torch.__version__}".encode()).hexdigest()[:10]
+    return f"swarr_ext_{tag}" + ("_cuda" if with_cuda else "")
+
+
+def load_extension():
+    """Build csrc/ (the first time: torch.utils.cpp_extension and ninja, into ./build/; later processes load the
+    cached library instantly) and load it; returns torch.ops.swarr, or None if it cannot be built."""
+    if _EXT:
+        return _EXT["ops"]
+    from torch.utils import cpp_extension  # imported on first use: it brings in setuptools (~0.5 s)
+    with_cuda = (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
+                 and cpp_extension.CUDA_HOME is not None
+                 and os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")))
+    name = _build_name(with_cuda)
+    build_dir = os.path.join(_ROOT, "build", name)
+    sources = [os.path.join(_ROOT, "csrc", "swa_cpu.cpp")]
+    sources += [os.path.join(_ROOT, "csrc", f) for f in ("swa_cuda.cpp", "swa_cuda.cu")] if with_cuda else []
+    # -fopenmp: at::parallel_for is header code and threads only when compiled with OpenMP (the process's one
+    # libgomp, already loaded by torch, is shared). -ffp-contract=fast: fused multiply-adds (off in ISO C++ mode).
+    cflags = ["-O3", "-fopenmp", "-ffp-contract=fast"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        cflags += ["-march=native", "-mprefer-vector-width=512"]  # built where it runs; see _build_name
+    try:
+        if shutil.which(os.environ.get("CXX", "c++")) is None:
+            raise RuntimeError(f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH")
+        cpp_extension.verify_ninja_availability()
+        os.makedirs(build_dir, exist_ok=True)
+        if not os.path.exists(os.path.join(build_dir, name + ".so")):
+            print(f"swarr: compiling csrc/ into build/{name} (first use only, under a minute)", file=sys.stderr)
+        cpp_extension.load(name=name, sources=sources, build_directory=build_dir, with_cuda=with_cuda,
+                           extra_cflags=cflags, extra_ldflags=["-fopenmp"], extra_cuda_cflags=["-O3", "-lineinfo"],
+                           is_python_module=False)
+        _EXT.update(ops=torch.ops.swarr, cuda=with_cuda, why="")
+    except Exception as e:  # a failed build must never stop the library: the reference computes the same thing
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        why = next((ln for ln in lines if "error:" in ln), lines[0] if lines else type(e).__name__)  # 1st diagnostic
+        _EXT.update(ops=None, cuda=False, why=why[:300])
+        print(f"swarr: compiled attention unavailable ({_EXT['why']}); using the PyTorch reference", file=sys.stderr)
+    return _EXT["ops"]
+
+
+class CudaGraphStep:
+    """The decode step `tok (B,) -> logits (B, vocab)` captured once as a CUDA graph and replayed. The caches are
+    preallocated and updated in place (positions included), so the graph's memory addresses never change. The
+    first two calls run eagerly (they are real steps, and warm up cuBLAS and the kernels before capture)."""
+
+    def __init__(self, model, caches, B):
+        self.model, self.caches, self.calls, self.graph = model, caches, 0, None
+        self.tok = torch.zeros(B, 1, dtype=torch.long, device=caches[0].k.device)
+
+    def run(self):
+        return self.model(self.tok, caches=self.caches)[:, -1]
+
+    def __call__(self, tok):
+        self.tok.copy_(tok[:, None])
+        self.calls += 1
+        if self.calls == 1:  # warm-up on a side stream, as CUDA graph capture requires
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                out = self.run()
+            torch.cuda.current_stream().wait_stream(s)
+            return out
+        if self.graph is None:
+            out = self.run()  # a real step, then capture (capturing records kernels without running them)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self.run()
+            return out
+        self.graph.replay()
+        return self.logits.clone()
 
 
 if __name__ == "__main__":

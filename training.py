@@ -31,7 +31,8 @@ def common_args(p: argparse.ArgumentParser, out: str) -> argparse.ArgumentParser
     """The options both stages share: model, window, data, output, device, saving, resume."""
     p.add_argument("--model", help="HF model folder to start from (config.json, *.safetensors, tokenizer.json)")
     p.add_argument("--out", default=out, help="output folder ('' = write nothing, keep the model in memory)")
-    p.add_argument("--window", type=int, default=None, help="sliding window W (keys per query); default: keep the model's")
+    p.add_argument("--window", type=int, default=None,
+                   help="sliding window W (keys per query); default: keep the model's")
     p.add_argument("--layers", default=None, help="comma-separated layers to window, e.g. 0,2,5 (default: all)")
     p.add_argument("--data", help="GSM8K / MATH / JSONL file, read by grader.load_dataset")
     p.add_argument("--held-out", default=None, help="held-out data file (default: split --held-out-frac off --data)")

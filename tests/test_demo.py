@@ -1,4 +1,4 @@
-"""The main job (demo.py, `python swarr.py demo`): the finding reproduces in the --quick run, the report and
+"""The main job (demo.py, `python demo.py`): the finding reproduces in the --quick run, the report and
 plot are written, other data goes through the same stages, and bad flags give one error line."""
 import json
 import os
@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "swarr.py"), "demo", *args], capture_output=True,
+    return subprocess.run([sys.executable, os.path.join(ROOT, "demo.py"), *args], capture_output=True,
                           text=True, cwd=ROOT, timeout=120)
 
 

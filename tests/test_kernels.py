@@ -262,6 +262,19 @@ def test_decode_cuda(ops, poison, dtype):
 
 
 @cuda
+def test_cuda_graph_generation_matches_cpu():
+    """On CUDA, decode_loop runs two eager steps, captures the step as a CUDA graph and replays it: the greedy
+    tokens are those of the CPU (float64, a windowed and a full layer, GQA, rows of different lengths)."""
+    torch.manual_seed(0)
+    cfg = swarr.Config(arch="LlamaForCausalLM", vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                       head_dim=16, hidden_dim=96, windows=[6, None])
+    model = swarr.Transformer(cfg).double()
+    prompts = [[1, 2, 3, 4, 5, 6, 7, 8], [9, 10]]
+    on_cpu = swarr.generate(model, prompts, 20).tokens
+    assert torch.equal(swarr.generate(model.cuda(), prompts, 20).tokens.cpu(), on_cpu)
+
+
+@cuda
 def test_bad_inputs_cuda(ops):
     q, k, v = qkv(1, 4, 2, 10, 8, dtype=torch.float32, device="cuda")
     for call in (lambda: ops.fwd(q, k, v, 0, 0.5), lambda: ops.fwd(q.double(), k.double(), v.double(), 4, 0.5),

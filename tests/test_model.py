@@ -123,6 +123,51 @@ def test_swa_cache_holds_exactly_w_slots(win_model):
     assert int(sw.valid()[0]) == 5
 
 
+@pytest.mark.parametrize("W", [1, 4, 7])
+@pytest.mark.parametrize("n", [1, 3, 4, 5, 8, 11])  # for W = 4: W-1, W, W+1, 2W, 2W+3; W = 7: W >= n mostly
+def test_cache_write_keeps_the_last_w_keys(W, n):
+    """A prompt of n keys in one write, then 3 one-token writes: slot p % W holds position p's key for the last
+    W positions (a full cache holds every position in order), and valid counts min(positions, slots)."""
+    keys = torch.randn(1, 2, n + 3, 4)
+    ring = swarr.KVCache(1, 2, 4, W, W, torch.float32, "cpu")
+    full = swarr.KVCache(1, 2, 4, n + 3, None, torch.float32, "cpu")
+    for c in (ring, full):
+        c.write(keys[:, :, :n], -keys[:, :, :n])
+        for p in range(n, n + 3):
+            c.write(keys[:, :, p:p + 1], -keys[:, :, p:p + 1])
+        assert int(c.pos[0]) == n + 3 and int(c.valid()[0]) == min(n + 3, c.slots)
+        for p in range(max(0, n + 3 - c.slots), n + 3):
+            assert torch.equal(c.k[0, :, p % c.slots], keys[0, :, p]) and torch.equal(c.v[0, :, p % c.slots], -keys[0, :, p])
+    with pytest.raises(swarr.SwarrError, match="does not fit"):
+        swarr.KVCache(1, 2, 4, n, None, torch.float32, "cpu").write(keys, keys)
+
+
+@pytest.mark.parametrize("W", [1, 3, 64])
+def test_prefill_and_decode_are_the_forward(W):
+    """Prompts of W-1 .. 2W+3 tokens (ragged, one cache batch), prefilled and then decoded through
+    Transformer.forward with caches, give the logits of one forward over the whole sequence. GQA, a windowed and a
+    full layer, float64."""
+    torch.manual_seed(W)
+    cfg = swarr.Config(arch="LlamaForCausalLM", vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                       head_dim=8, hidden_dim=48, windows=[W, None])
+    model = swarr.Transformer(cfg).double().eval()
+    lengths = sorted({max(1, n) for n in (W - 1, W, W + 1, 2 * W, 2 * W + 3)})
+    seqs = torch.randint(0, 50, (len(lengths), max(lengths) + 4))
+    caches = swarr.make_caches(model, len(lengths), seqs.shape[1])
+    last = swarr.prefill(model, [seqs[r, :n].tolist() for r, n in enumerate(lengths)], caches)
+    with torch.no_grad():
+        full = [model(seqs[r:r + 1])[0] for r in range(len(lengths))]
+        assert max((last[r] - full[r][n - 1]).abs().max() for r, n in enumerate(lengths)) < 1e-10
+        for t in range(4):  # every row decodes one token at its own position
+            tok = torch.stack([seqs[r, n + t] for r, n in enumerate(lengths)])
+            step = model(tok[:, None], caches=caches)[:, 0]
+            assert max((step[r] - full[r][n + t]).abs().max() for r, n in enumerate(lengths)) < 1e-10
+        assert [int(p) for p in caches[0].pos] == [n + 4 for n in lengths]
+        assert caches[0].slots == min(W, seqs.shape[1])
+        with pytest.raises(swarr.SwarrError, match="empty caches"):  # several tokens continue no cache
+            model(seqs[:, :2], caches=caches)
+
+
 def test_tokenizer_matches_tokenizers_library(ckpts):
     from tokenizers import Tokenizer
     path = str(ckpts["LlamaForCausalLM"] / "tokenizer.json")

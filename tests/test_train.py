@@ -234,7 +234,7 @@ def test_loss_scores_the_distribution_the_sampler_drew_from(ckpt, tok, monkeypat
         return tokens
 
     monkeypatch.setattr(swarr, "sample", spy)
-    problems = [{"prompt": tok.chat("hi"), "answer": ""}, {"prompt": tok.chat("say something a bit longer"), "answer": ""}]
+    problems = [{"prompt": tok.chat(text), "answer": ""} for text in ("hi", "say something a bit longer")]
     samples = train_rl.rollout(model, tok, problems, 3, T, 10, seed=0)  # ragged prompts, 3 samples each
     sampler = torch.stack(drawn, 1)  # (rows, decode steps)
     with torch.no_grad():
