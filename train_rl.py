@@ -83,7 +83,8 @@ def rollout(model, tok, problems: list[dict], group_size: int, temperature: floa
             seed) -> list[dict]:
     """Sample group_size completions per problem; rows r*G .. r*G+G-1 belong to problem r. seed: one, or one per
     problem (whose samples are then the same in any batch: any split of the prompts over processes). One dict per
-    sample: {"problem", "prompt_ids", "ids" (completion tokens, stop token included), "text" (without it), "truncated"}."""
+    sample: {"problem", "prompt_ids", "ids" (completion tokens, stop token included), "text" (without it),
+    "truncated"}."""
     model.eval()
     stop = tok.stop_ids(model.cfg)
     prompts = [tok.encode(p["prompt"]) for p in problems]

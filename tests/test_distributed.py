@@ -122,7 +122,8 @@ def trained(history, *keys):
 
 def close(xs, ys, tol=1e-6):
     """Equal within tol relative to max(|y|, 1): the logged losses are sums of float32 terms that nearly cancel."""
-    return len(xs) == len(ys) and all(abs(x - y) <= tol * max(abs(y), 1.0) for a, b in zip(xs, ys) for x, y in zip(a, b))
+    return len(xs) == len(ys) and all(abs(x - y) <= tol * max(abs(y), 1.0)
+                                      for a, b in zip(xs, ys) for x, y in zip(a, b))
 
 
 @pytest.fixture(scope="module")
