@@ -185,7 +185,7 @@ def unsharded(model):
     if plain is None:
         plain = model.__dict__["_unsharded"] = _plain_like(model, next(model.parameters()).device)
     for p, q in zip(model.parameters(), plain.parameters()):  # same order, ties counted once in both
-        q.copy_(p.full_tensor())
+        q.copy_(p.full_tensor() if hasattr(p, "full_tensor") else p)  # (a no_grad forward leaves the root gathered)
     return plain.eval()
 
 
@@ -231,6 +231,7 @@ def run_cli(fn, *args):
               file=sys.stderr)
         os._exit(1)  # skip the process group's teardown, which could wait for the lost process
     if dist.is_initialized():
+        dist.barrier()  # all processes done with their collectives before any tears its connections down
         dist.destroy_process_group()
 
 
