@@ -16,6 +16,8 @@ import os
 import platform
 import re
 import shutil
+import stat
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +41,7 @@ class SwarrError(Exception):
 # =====================================================================================================
 # config: the few numbers that define a Llama / Mistral / Qwen2 / Qwen3 decoder
 # =====================================================================================================
+MAX_LAYERS = 10_000  # far above any released decoder (Llama 3.1 405B has 126 layers)
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 
@@ -63,49 +66,137 @@ class Config:
 
     @staticmethod
     def from_hf(hf: dict, where: str = "config.json") -> "Config":
-        arch = (hf.get("architectures") or ["?"])[0]
-        if arch not in SUPPORTED:
+        """Read and check a config.json: every number that shapes the model, its RoPE and its windows.
+        A field that cannot mean anything raises one SwarrError naming the file and the field."""
+        if not isinstance(hf, dict):
+            raise SwarrError(f"{where}: expected a JSON object, got {type(hf).__name__}")
+        archs = hf.get("architectures") or ["?"]
+        arch = archs[0] if isinstance(archs, list) and archs else archs
+        if not isinstance(arch, str) or arch not in SUPPORTED:
             raise SwarrError(f"{where}: architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED)}")
-        try:
-            n_heads, n_layers = hf["num_attention_heads"], hf["num_hidden_layers"]
-            cfg = Config(arch=arch, vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=n_layers,
-                         n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-                         head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
-                         hidden_dim=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
-                         max_pos=hf.get("max_position_embeddings", 4096),
-                         qkv_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias")),
-                         qk_norm=arch == "Qwen3ForCausalLM", tie_embeddings=bool(hf.get("tie_word_embeddings")),
-                         hf=dict(hf))
-        except KeyError as e:
-            raise SwarrError(f"{where}: missing field {e.args[0]!r}") from None
+        num = lambda key, **kw: config_number(hf, key, where, **kw)
+        for key in ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window"):
+            if hf.get(key) is not None and not isinstance(hf[key], bool):  # "false" would read as true
+                raise SwarrError(f"{where}: {key} must be true or false, got {hf[key]!r}")
+        n_heads, n_layers, dim = num("num_attention_heads"), num("num_hidden_layers"), num("hidden_size")
+        if n_layers > MAX_LAYERS:  # per-layer lists are built from it before any weight is read
+            raise SwarrError(f"{where}: num_hidden_layers {n_layers} is not plausible (at most {MAX_LAYERS})")
+        n_kv_heads = num("num_key_value_heads", default=n_heads)
+        if n_heads % n_kv_heads:
+            raise SwarrError(f"{where}: num_attention_heads ({n_heads}) is not a multiple of "
+                             f"num_key_value_heads ({n_kv_heads})")
+        if hf.get("head_dim") is None and dim % n_heads:
+            raise SwarrError(f"{where}: hidden_size ({dim}) is not a multiple of num_attention_heads ({n_heads}) "
+                             f"and there is no head_dim")
+        head_dim = num("head_dim", default=dim // n_heads)
+        if head_dim % 2:
+            raise SwarrError(f"{where}: head_dim must be even (RoPE rotates pairs), got {head_dim}")
+        cfg = Config(arch=arch, vocab_size=num("vocab_size"), dim=dim, n_layers=n_layers, n_heads=n_heads,
+                     n_kv_heads=n_kv_heads, head_dim=head_dim, hidden_dim=num("intermediate_size"),
+                     norm_eps=num("rms_norm_eps", kind=float, default=1e-6),
+                     max_pos=num("max_position_embeddings", default=4096),
+                     qkv_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias")),
+                     qk_norm=arch == "Qwen3ForCausalLM", tie_embeddings=bool(hf.get("tie_word_embeddings")),
+                     hf=dict(hf))
         if hf.get("hidden_act", "silu") != "silu" or hf.get("mlp_bias"):
             raise SwarrError(f"{where}: only SwiGLU (silu, no MLP bias) MLPs are supported")
-        # RoPE: transformers 5 writes `rope_parameters`; released checkpoints use `rope_theta` + `rope_scaling`.
-        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-        rope.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
-        rope["rope_type"] = rope.get("rope_type", rope.get("type", "default"))
-        if rope["rope_type"] not in ("default", "linear", "llama3", "yarn"):
-            raise SwarrError(f"{where}: rope type {rope['rope_type']!r} is not supported (default, linear, llama3, yarn)")
-        cfg.rope = rope
-        # Windows, read the way transformers reads them (W keys including the query itself).
-        W = hf.get("sliding_window")
-        if arch == "MistralForCausalLM":
-            cfg.windows = [W] * n_layers
-        elif arch.startswith("Qwen") and hf.get("use_sliding_window") and W:
-            types = hf.get("layer_types") or ["sliding_attention" if i >= hf.get("max_window_layers", n_layers)
-                                              else "full_attention" for i in range(n_layers)]
-            cfg.windows = [W if t == "sliding_attention" else None for t in types]
-        else:
-            cfg.windows = [None] * n_layers
+        eos = hf.get("eos_token_id")
+        for i in eos if isinstance(eos, list) else [] if eos is None else [eos]:
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < cfg.vocab_size:
+                raise SwarrError(f"{where}: eos_token_id {eos!r} is not a token id below vocab_size {cfg.vocab_size}")
+        cfg.rope = config_rope(hf, where)
+        cfg.windows = config_windows(hf, arch, n_layers, where)
         return cfg
+
+
+_REQUIRED = object()
+
+
+def config_number(hf: dict, key: str, where: str, kind=int, default=_REQUIRED, minimum: float = 1):
+    """hf[key] as a positive int (kind=int, at least `minimum`) or a positive finite float (kind=float).
+    A missing or null field takes `default`; a required one is an error, as is a string, a bool, 0, -1 or NaN."""
+    v = hf.get(key)
+    if v is None:
+        if default is _REQUIRED:
+            raise SwarrError(f"{where}: missing field {key!r}")
+        return default
+    if kind is int:
+        ok = isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+        want = f"an integer >= {minimum}"
+    else:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1e300  # (also not NaN)
+        want = "a positive finite number"
+    if not ok:
+        raise SwarrError(f"{where}: {key} must be {want}, got {v!r}")
+    return float(v) if kind is float else v
+
+
+def config_rope(hf: dict, where: str) -> dict:
+    """The RoPE parameters. transformers 5 writes `rope_parameters`; released checkpoints use `rope_theta` +
+    `rope_scaling`. Scaled types need their factors (llama3: four numbers)."""
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    key = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+    if not isinstance(rope, dict):
+        raise SwarrError(f"{where}: {key} must be an object, got {type(rope).__name__}")
+    given, rope = rope, dict(rope)
+    if rope.get("rope_theta") is None:
+        rope["rope_theta"] = 10000.0 if hf.get("rope_theta") is None else hf["rope_theta"]
+    rope["rope_type"] = rope.get("rope_type", rope.get("type", "default"))
+    if rope["rope_type"] not in ("default", "linear", "llama3", "yarn"):
+        raise SwarrError(f"{where}: rope type {rope['rope_type']!r} is not supported (default, linear, llama3, yarn)")
+    need = {"default": [], "linear": ["factor"], "yarn": ["factor"],
+            "llama3": ["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"]}
+    for name in ["rope_theta", *need[rope["rope_type"]]]:  # rope_theta may come from the top level
+        rope[name] = config_number(rope, name, f"{where}: {key}" if name != "rope_theta" or name in given else where,
+                                   kind=float)
+    for name in ("original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow"):
+        if rope.get(name) is not None:
+            rope[name] = config_number(rope, name, f"{where}: {key}", kind=float)
+    if rope["rope_type"] == "llama3" and rope["low_freq_factor"] == rope["high_freq_factor"]:
+        raise SwarrError(f"{where}: {key}: low_freq_factor and high_freq_factor must differ")
+    return rope
+
+
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def config_windows(hf: dict, arch: str, n_layers: int, where: str) -> list:
+    """Per-layer windows, read the way transformers reads them (W keys including the query itself): Mistral
+    windows every layer with `sliding_window` (null = full attention); Qwen2/Qwen3 only with
+    `use_sliding_window: true`, on the layers `layer_types` (or `max_window_layers`) names; Llama never."""
+    W = hf.get("sliding_window")
+    if W is not None and arch != "LlamaForCausalLM":
+        try:
+            check_window(W)
+        except SwarrError:
+            raise SwarrError(f"{where}: sliding_window must be an integer in [1, 2**31) (keys per query) or null, "
+                             f"got {W!r}") from None
+    types = hf.get("layer_types")
+    if types is not None:
+        if not isinstance(types, list) or len(types) != n_layers:
+            raise SwarrError(f"{where}: layer_types must be a list of {n_layers} entries (num_hidden_layers)")
+        for i, t in enumerate(types):
+            if t not in LAYER_TYPES:
+                raise SwarrError(f"{where}: layer_types[{i}] is {t!r}; supported: {', '.join(LAYER_TYPES)}")
+    if arch == "MistralForCausalLM":
+        return [W] * n_layers
+    if arch.startswith("Qwen"):
+        use = hf.get("use_sliding_window", False)
+        if use and W is None:
+            raise SwarrError(f"{where}: use_sliding_window is true but sliding_window is null")
+        if use:
+            first = config_number(hf, "max_window_layers", where, default=n_layers, minimum=0)
+            types = types or ["sliding_attention" if i >= first else "full_attention" for i in range(n_layers)]
+            return [W if t == "sliding_attention" else None for t in types]
+    return [None] * n_layers
 
 
 def check_window(window) -> int | None:
     """A window is None (full attention) or a positive int: the number of keys a query sees, itself included."""
     if window is None:
         return None
-    if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
-        raise SwarrError(f"window must be a positive integer or None, got {window!r}")
+    if isinstance(window, bool) or not isinstance(window, int) or not 0 < window < 2 ** 31:
+        raise SwarrError(f"window must be an integer in [1, 2**31) or None, got {window!r}")
     return window
 
 
@@ -324,6 +415,9 @@ def decode_ref(q, k_cache, v_cache, valid, scale: float | None = None) -> torch.
 # backend (set_backend does the same); SWARR_POISON=1 makes the kernels NaN-fill their outputs before writing
 # them (tests use it to catch unwritten elements).
 _BACKEND = os.environ.get("SWARR_BACKEND", "auto")
+# Under auto, the ops named in SWARR_CUDA_REF_OPS (fwd, bwd, decode; default none) take the reference on CUDA:
+# csrc/gpu_check.py times both paths per op and prints the setting that picks the faster one of each.
+_REF_OPS = {"cuda": {op for op in os.environ.get("SWARR_CUDA_REF_OPS", "").split(",") if op}}
 
 
 def set_backend(name: str):
@@ -331,6 +425,8 @@ def set_backend(name: str):
     global _BACKEND
     if name not in ("auto", "ext", "ref"):
         raise SwarrError(f"unknown attention backend {name!r}: use auto, ext or ref")
+    if _REF_OPS["cuda"] - {"fwd", "bwd", "decode"}:
+        raise SwarrError(f"SWARR_CUDA_REF_OPS={','.join(sorted(_REF_OPS['cuda']))}: name ops among fwd, bwd, decode")
     if name == "ext" and load_extension() is None:
         raise SwarrError(f"the compiled attention extension is unavailable: {_EXT['why']}")
     _BACKEND = name
@@ -343,9 +439,14 @@ def backend_name() -> str:
     return "ref" if _BACKEND == "ref" or load_extension() is None else "ext"
 
 
-def _ext_dtype(t: torch.Tensor):
-    """The dtype the extension computes t's dtype in on t's device, or None: use the reference."""
-    if _BACKEND == "ref" or load_extension() is None:
+def _ref_op(op: str, t: torch.Tensor) -> bool:
+    """Does `op` take the reference for tensors on t's device, by SWARR_CUDA_REF_OPS (under the auto backend)?"""
+    return _BACKEND == "auto" and op in _REF_OPS.get(t.device.type, ())
+
+
+def _ext_dtype(t: torch.Tensor, op: str):
+    """The dtype the extension computes t's dtype in on t's device for `op`, or None: use the reference."""
+    if _BACKEND == "ref" or _ref_op(op, t) or load_extension() is None:
         return None
     if t.device.type == "cpu":  # float32 kernels (float64 for checking); 16-bit inputs are computed in float32
         return t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
@@ -368,6 +469,10 @@ class _WindowedAttention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
+        if _ref_op("bwd", q):  # the reference's backward: autograd through SDPA, recomputing the forward
+            with torch.enable_grad():
+                qkv = [t.detach().requires_grad_() for t in (q, k, v)]
+                return *torch.autograd.grad(attention_ref(*qkv, ctx.window, ctx.scale), qkv, dout), None, None
         dq, dk, dv = torch.ops.swarr.bwd(dout.contiguous(), q, k, v, out, lse, ctx.window, ctx.scale)
         return dq, dk, dv, None, None
 
@@ -375,7 +480,7 @@ class _WindowedAttention(torch.autograd.Function):
 def attention(q, k, v, window: int | None, scale: float | None = None) -> torch.Tensor:
     """Windowed causal attention (differentiable), same contract as attention_ref:
     q (B,Hq,N,D), k/v (B,Hkv,N,D) -> (B,Hq,N,D); window None = full causal attention."""
-    dt = _ext_dtype(q)
+    dt = _ext_dtype(q, "fwd")
     if dt is None:
         return attention_ref(q, k, v, window, scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
@@ -387,7 +492,7 @@ def attention(q, k, v, window: int | None, scale: float | None = None) -> torch.
 def decode(q, k_cache, v_cache, valid, scale: float | None = None) -> torch.Tensor:
     """One-token attention over a cache, same contract as decode_ref: q (B,Hq,D), caches (B,Hkv,S,D),
     valid (B,) = number of filled slots per row (1 <= valid <= S) -> (B,Hq,D)."""
-    dt = _ext_dtype(q)
+    dt = _ext_dtype(q, "decode")
     if dt is None:
         return decode_ref(q, k_cache, v_cache, valid, scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
@@ -490,6 +595,35 @@ class Generation:
     caches: list            # the KV caches, for inspection (bytes, shapes)
 
 
+def available_memory(device) -> float:
+    """Bytes free for new tensors on `device`: the GPU's free memory, or the host's MemAvailable (inf if unknown)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return float(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024.0 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return math.inf
+
+
+def check_generation(model: Transformer, prompts: list[list[int]], max_new_tokens: int, n_samples: int = 1):
+    """Refuse, before allocating anything, a generation that cannot run: a prompt longer than the model's
+    context, or KV caches (plus the token buffers) larger than the memory free on the model's device."""
+    c, p = model.cfg, next(model.parameters())
+    longest = max(map(len, prompts), default=0)
+    if longest > c.max_pos:
+        raise SwarrError(f"a prompt of {longest} tokens is longer than the model's context "
+                         f"({c.max_pos} positions, max_position_embeddings)")
+    rows, total = len(prompts) * n_samples, longest + max_new_tokens
+    slots = sum(min(w, total) if w else total for w in model.windows)
+    need = rows * (2 * slots * c.n_kv_heads * c.head_dim * p.element_size() + 8 * max_new_tokens)
+    free = available_memory(p.device)
+    if need > free:
+        raise SwarrError(f"generating {max_new_tokens} tokens for {rows} sequences needs {need / 2**30:.1f} GiB of "
+                         f"KV cache, {free / 2**30:.1f} GiB is free on {p.device}: lower --max-new-tokens or the batch")
+
+
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, eos_ids=(), temperature: float = 0.0,
              top_p: float = 1.0, n_samples: int = 1, seed: int | list | None = None) -> Generation:
@@ -500,6 +634,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     >>> g.tokens.shape, g.lengths                                   # (2, 8), tensor([8, 3]) e.g.
     """
     dev = next(model.parameters()).device
+    check_generation(model, prompts, max_new_tokens, n_samples)
     caches = make_caches(model, len(prompts), max(map(len, prompts)) + max_new_tokens)
     logits = prefill(model, prompts, caches)
     if n_samples > 1:
@@ -576,7 +711,63 @@ def _split_regex(pre: dict | None, where: str) -> str:
             regexes.insert(0, r"\p{N}" if p.get("individual_digits") else r"\p{N}+")
         else:
             raise SwarrError(f"{where}: pre-tokenizer {p['type']!r} is not supported")
-    return "|".join(regexes)
+    pat = "|".join(regexes) or r"[\s\S]+"  # no splitting at all: the whole text is one piece
+    _check_no_empty_match(pat, where)
+    return pat
+
+
+def _check_no_empty_match(pat: str, where: str):
+    """tiktoken panics (a Rust panic, not a Python error) on a piece of length 0, i.e. on a pre-tokenizer regex
+    that can match the empty string (`a*`, `x|`, a lone lookahead). Probe it on text of every character class."""
+    import regex  # tiktoken's own dependency; its syntax is close to the Rust regex tiktoken compiles
+    try:
+        compiled = regex.compile(pat)
+    except regex.error:
+        return  # tiktoken reports the syntax error itself
+    probe = "Hello, World! It's 2024: x^2 + 3.14 = y_1\n\n\t  café naïve 東京 🙂 ÿ \"q\" (a) [b] {c} <d> #@$%&*~`|"
+    for text in ["", probe, *probe]:
+        if any(m.start() == m.end() for m in compiled.finditer(text)):
+            raise SwarrError(f"{where}: the pre-tokenizer regex can match the empty string (in {text[:20]!r})")
+
+
+def check_tokenizer_json(tj: dict, path: str):
+    """The fields of a tokenizer.json that Tokenizer reads, checked with one error line each. Duplicate ids
+    are caught here: tiktoken would panic on them (a Rust panic, not a Python error)."""
+    model = tj.get("model")
+    if not isinstance(model, dict):
+        raise SwarrError(f"{path}: field 'model' must be an object")
+    vocab = model.get("vocab")
+    if not isinstance(vocab, dict):
+        raise SwarrError(f"{path}: model.vocab must be an object mapping tokens to ids, got {type(vocab).__name__}")
+    seen: dict[int, str] = {}
+    added = tj.get("added_tokens", [])
+    if not isinstance(added, list) or not all(isinstance(t, dict) for t in added):
+        raise SwarrError(f"{path}: added_tokens must be a list of objects")
+    for t in added:
+        if not isinstance(t.get("content"), str) or not t["content"]:
+            raise SwarrError(f"{path}: an added token has no 'content' string: {t!r}"[:300])
+    specials = {t["content"]: t.get("id") for t in added}
+    for kind, table in (("model.vocab", {k: v for k, v in vocab.items() if k not in specials}),
+                        ("added_tokens", specials)):
+        for tok, i in table.items():
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < 2 ** 31:
+                raise SwarrError(f"{path}: {kind}: token {tok!r} has id {i!r}, not an integer in [0, 2**31)")
+            if i in seen:
+                raise SwarrError(f"{path}: {kind}: id {i} is given to both {seen[i]!r} and {tok!r}")
+            seen[i] = tok
+    pre = tj.get("pre_tokenizer")
+    parts = pre.get("pretokenizers") if isinstance(pre, dict) and pre.get("type") == "Sequence" else [pre]
+    if pre is not None and (not isinstance(parts, list) or
+                            not all(isinstance(p, dict) and isinstance(p.get("type"), str) for p in parts)):
+        raise SwarrError(f"{path}: pre_tokenizer (and each of a Sequence's pretokenizers) needs a 'type'")
+    for p in parts if pre is not None else []:
+        pat = p.get("pattern")
+        if p["type"] == "Split" and not (isinstance(pat, dict) and (isinstance(pat.get("Regex"), str)
+                                                                    or isinstance(pat.get("String"), str))):
+            raise SwarrError(f"{path}: Split pre-tokenizer needs a pattern {{'Regex': ...}} or {{'String': ...}}")
+    norm = tj.get("normalizer")
+    if norm is not None and not (isinstance(norm, dict) and isinstance(norm.get("type"), str)):
+        raise SwarrError(f"{path}: normalizer needs a 'type'")
 
 
 class Tokenizer:
@@ -584,15 +775,12 @@ class Tokenizer:
 
     def __init__(self, path: str):
         self.path = path
-        try:
-            with open(path, encoding="utf-8") as f:
-                self.json_text = f.read()
-            tj = json.loads(self.json_text)
-            model = tj["model"]
-        except FileNotFoundError:
-            raise SwarrError(f"{path}: tokenizer file not found") from None
-        except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
-            raise SwarrError(f"{path}: not a valid tokenizer.json ({e})") from None
+        if not os.path.lexists(path):
+            raise SwarrError(f"{path}: tokenizer file not found")
+        self.json_text = read_text(path)
+        tj = read_json(path, self.json_text)
+        check_tokenizer_json(tj, path)
+        model = tj["model"]
         if model.get("type") != "BPE":
             raise SwarrError(f"{path}: tokenizer model {model.get('type')!r} is not supported (byte-level BPE only)")
         byte_of = {c: b for b, c in _bytes_to_unicode().items()}
@@ -605,13 +793,20 @@ class Tokenizer:
         self.special = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
         for s in self.special:
             ranks.pop(s.encode(), None)
+        missing = [b for b in range(256) if bytes([b]) not in ranks]
+        if missing:  # byte-level BPE can spell any text only from all 256 bytes (tiktoken would panic)
+            raise SwarrError(f"{path}: model.vocab lacks {len(missing)} of the 256 single bytes "
+                             f"(e.g. {_bytes_to_unicode()[missing[0]]!r}); not a byte-level BPE vocabulary")
         norm = (tj.get("normalizer") or {}).get("type")
         if norm not in (None, "NFC"):
             raise SwarrError(f"{path}: normalizer {norm!r} is not supported")
         self.nfc = norm == "NFC"
-        self.enc = tiktoken.Encoding(name=os.path.basename(os.path.dirname(os.path.abspath(path))) or "tok",
-                                     pat_str=_split_regex(tj.get("pre_tokenizer"), path),
-                                     mergeable_ranks=ranks, special_tokens=self.special)
+        try:
+            self.enc = tiktoken.Encoding(name=os.path.basename(os.path.dirname(os.path.abspath(path))) or "tok",
+                                         pat_str=_split_regex(tj.get("pre_tokenizer"), path),
+                                         mergeable_ranks=ranks, special_tokens=self.special)
+        except ValueError as e:  # tiktoken compiles the pre-tokenizer's regex (Rust regex syntax)
+            raise SwarrError(f"{path}: pre_tokenizer regex does not compile ({str(e).splitlines()[0]})") from None
         self.vocab_size = max([*ranks.values(), *self.special.values()]) + 1
 
     def encode(self, text: str) -> list[int]:
@@ -661,15 +856,47 @@ class Tokenizer:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def read_text(path: str) -> str:
+    """The UTF-8 text of the regular file `path`, or one SwarrError naming the file. The file is opened
+    non-blocking and checked to be a regular file before reading: a FIFO would otherwise block forever."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise SwarrError(f"{path}: not found") from None
+    except OSError as e:  # a symlink loop, no permission, ...
+        raise SwarrError(f"{path}: cannot open ({e.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # a folder, FIFO or device
+        os.close(fd)
+        raise SwarrError(f"{path}: not a regular file")
+    with open(fd, "rb") as f:
+        try:
+            return f.read().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise SwarrError(f"{path}: not UTF-8 text (byte {e.start})") from None
+        except OSError as e:
+            raise SwarrError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def read_json(path: str, text: str | None = None) -> dict:
+    """The JSON object in the file `path` (or in its `text`, already read), or one SwarrError naming the file."""
+    try:
+        data = json.loads(read_text(path) if text is None else text)
+    except json.JSONDecodeError as e:
+        raise SwarrError(f"{path}: malformed JSON ({e})") from None
+    except RecursionError:
+        raise SwarrError(f"{path}: JSON nested too deeply") from None
+    if not isinstance(data, dict):
+        raise SwarrError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def _weight_files(path: str) -> dict[str, str]:
     """tensor name -> safetensors file, from model.safetensors or model.safetensors.index.json."""
     index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        try:
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise SwarrError(f"{index}: malformed index ({e})") from None
+    if os.path.lexists(index):
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) and f for f in weight_map.values()):
+            raise SwarrError(f"{index}: weight_map must map tensor names to file names")
         files = {n: os.path.join(path, f) for n, f in weight_map.items()}
     else:
         single = os.path.join(path, "model.safetensors")
@@ -679,6 +906,8 @@ def _weight_files(path: str) -> dict[str, str]:
     for fn in set(files.values()):
         if not os.path.exists(fn):
             raise SwarrError(f"{fn}: shard listed in the index is missing")
+        if not os.path.isfile(fn):  # a folder, FIFO or device: safetensors would fail or block on it
+            raise SwarrError(f"{fn}: not a regular file")
     return files
 
 
@@ -693,28 +922,45 @@ def _safe(fn: str, use):
         raise SwarrError(f"{fn}: cannot read safetensors file ({str(e).splitlines()[0]})") from None
 
 
+def check_size(cfg: Config, files: dict, element_size: int, device, where: str):
+    """Before building the model: the weights must hold num_hidden_layers layers, and the parameters that
+    config.json implies must fit in the memory free on `device` (a config saying 10**9 layers or a hidden size
+    of 10**7 is refused here instead of exhausting the machine)."""
+    layers = {int(m[1]) for name in files if (m := re.match(r"model\.layers\.(\d+)\.", name))}
+    if layers != set(range(cfg.n_layers)):
+        raise SwarrError(f"{where}: num_hidden_layers is {cfg.n_layers}, the weights hold {len(layers)} layers")
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    per_layer = cfg.dim * (2 * q + 2 * kv) + 3 * cfg.dim * cfg.hidden_dim + 2 * cfg.dim + q + 2 * kv
+    n = cfg.n_layers * per_layer + cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2) + cfg.dim
+    free = available_memory(device)
+    if n * element_size > free:
+        raise SwarrError(f"{where}: the model has {n:,} parameters ({n * element_size / 2**30:.1f} GiB), more than "
+                         f"the {free / 2**30:.1f} GiB free on {device}")
+
+
 def load(path: str, dtype=torch.float32, device="cpu") -> tuple[Transformer, Tokenizer]:
     """Load a local HF model folder: config.json, safetensors weights, tokenizer.json. Each tensor is read
     from disk straight into its parameter (no second full copy of the model is ever held)."""
     dtype = DTYPES.get(dtype, dtype)
+    if not path:
+        raise SwarrError("no model folder given (--model)")
+    recover(path, clean=False)  # a save interrupted at its switch leaves `path` missing for an instant: finish it
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isdir(path):
-        raise SwarrError(f"{path}: model folder not found")
-    try:
-        with open(cfg_path) as f:
-            cfg = Config.from_hf(json.load(f), cfg_path)
-    except FileNotFoundError:
-        raise SwarrError(f"{cfg_path}: not found") from None
-    except json.JSONDecodeError as e:
-        raise SwarrError(f"{cfg_path}: malformed JSON ({e})") from None
+        raise SwarrError(f"{path}: model folder not found" if not os.path.exists(path) else f"{path}: not a folder")
+    cfg = Config.from_hf(read_json(cfg_path), cfg_path)
     tok = Tokenizer(os.path.join(path, "tokenizer.json"))
+    if tok.vocab_size > cfg.vocab_size:  # an id past the embedding would fail only at generation
+        raise SwarrError(f"{tok.path}: token ids go up to {tok.vocab_size - 1}, but config.json's vocab_size "
+                         f"(the embedding) is {cfg.vocab_size}")
+    files = _weight_files(path)
+    check_size(cfg, files, torch.empty(0, dtype=dtype).element_size(), device, cfg_path)
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to_empty(device=device).to(dtype)
     if cfg.tie_embeddings:  # to_empty() gives every parameter its own storage: tie them again
         model.lm_head.weight = model.model.embed_tokens.weight
     params = dict(model.named_parameters())
-    files = _weight_files(path)
     for fn in sorted(set(files.values())):
         def copy_all(f, fn=fn):
             for name in f.keys():
@@ -762,41 +1008,130 @@ def export_config(model: Transformer, dtype) -> dict:
     return hf
 
 
+# ---- the atomic checkpoint switch ---------------------------------------------------------------------
+# save() never changes a checkpoint folder in place. It writes the complete new checkpoint into a hidden folder
+# `.NAME.vN` beside `path` and fsyncs it; then `path`, a symlink, is switched to it by one os.replace.
+# Whoever opens `path` (swarr.load, transformers, vLLM) finds the old checkpoint or the new one, at every
+# instant. Leftovers of an interrupted save (`.NAME.tmp-PID-*`: half-written; `.NAME.vN` not linked: old or
+# never switched to; `.NAME.link-PID-*`) are cleaned by recover(), which save() calls first (load() only relinks).
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (on this machine)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # someone else's process / not a pid at all
+        return pid < 2 ** 31
+    return True
+
+
+def _fsync(path: str):
+    """Flush a file's or a folder's entry list to disk (after a rename, the folder holds the new name)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _leftovers(path: str) -> dict[str, tuple[str, int]]:
+    """Sibling entries save() makes for `path`: file name -> (kind 'v' | 'tmp' | 'link', version or pid)."""
+    parent, name = os.path.split(path)
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return {}
+    pat = re.compile(rf"\.{re.escape(name)}\.(?:v(\d+)|(tmp|link)-(\d+)-[0-9a-f]+)")
+    found = {}
+    for f in entries:
+        m = pat.fullmatch(f)
+        if m:
+            found[f] = ("v", int(m[1])) if m[1] is not None else (m[2], int(m[3]))
+    return found
+
+
+def _link(path: str, target: str):
+    """Point the symlink `path` at the sibling folder `target`, atomically (also over an existing symlink)."""
+    parent, name = os.path.split(path)
+    link = os.path.join(parent, f".{name}.link-{os.getpid()}-{os.urandom(4).hex()}")
+    os.symlink(os.path.basename(target), link)  # relative: the run folder can be moved as a whole
+    try:
+        os.replace(link, path)
+    except BaseException:
+        if os.path.lexists(link):
+            os.remove(link)
+        raise
+    _fsync(parent)
+
+
+def recover(path: str, clean: bool = True):
+    """Finish or clean up what an interrupted save() left beside `path`: if `path` is missing (interrupted while
+    a plain folder was being replaced by the symlink), link it to the newest complete version; then (`clean`)
+    delete half-written folders of dead processes and versions `path` no longer points to. Never touches
+    `path`'s own checkpoint. Readers pass clean=False: a writer's new version, complete but not yet linked,
+    must not vanish under it (one writer per path: the training scripts lock their --out)."""
+    path = os.path.abspath(path.rstrip("/") or "/")
+    found = _leftovers(path)
+    versions = {n: f for f, (kind, n) in found.items() if kind == "v"}
+    if versions and not os.path.isdir(path) and (os.path.islink(path) or not os.path.lexists(path)):
+        _link(path, os.path.join(os.path.dirname(path), versions[max(versions)]))
+    if not clean or not os.path.isdir(path):  # no checkpoint here (or not ours): delete nothing
+        return
+    current = os.path.realpath(path)
+    for f, (kind, n) in found.items():
+        full = os.path.join(os.path.dirname(path), f)
+        if kind == "v" and os.path.realpath(full) != current or \
+                kind != "v" and (n == os.getpid() or not pid_alive(n)):
+            shutil.rmtree(full) if os.path.isdir(full) and not os.path.islink(full) else os.remove(full)
+
+
 def save(model: Transformer, tok: Tokenizer, path: str, extra_files: dict[str, str] | None = None):
-    """Write an HF folder (model.safetensors, config.json, tokenizer.json, + extra_files name -> text).
-    Atomic: everything is written to a temporary sibling folder, which then replaces `path` by rename."""
+    """Write an HF folder (model.safetensors, config.json, tokenizer.json, + extra_files name -> text) at `path`.
+
+    Atomic at every instant (see recover above): `path` becomes a symlink to the complete folder `.NAME.vN`
+    beside it. Load the checkpoint through `path`, with swarr.load or transformers' from_pretrained."""
+    if not path or not os.path.basename(os.path.abspath(path)):
+        raise SwarrError(f"save: {path!r} is not a folder name")
     path = os.path.abspath(path.rstrip("/"))
-    parent = os.path.dirname(path)
+    parent, name = os.path.split(path)
+    plain = os.path.isdir(path) and not os.path.islink(path)
+    if os.path.lexists(path) and not os.path.isdir(path) or \
+            plain and not os.path.isfile(os.path.join(path, "config.json")):  # never replace a folder of other files
+        raise SwarrError(f"{path}: exists and is not a checkpoint folder (no config.json); not replacing it")
     os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".tmp-{os.path.basename(path)}-{os.urandom(4).hex()}")
+    recover(path)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
+             if not (model.cfg.tie_embeddings and k == "lm_head.weight")}
+    dtype = next(iter(state.values())).dtype
+    files = {"config.json": json.dumps(export_config(model, dtype), indent=2),  # raises before anything is written
+             "tokenizer.json": tok.json_text, **(extra_files or {})}
+    for src in ("tokenizer_config.json", "generation_config.json"):  # keep chat template & generation defaults
+        p = os.path.join(os.path.dirname(tok.path), src)
+        if os.path.isfile(p) and src not in files:
+            with open(p, encoding="utf-8") as f:
+                files[src] = f.read()
+    version = os.path.join(parent, f".{name}.v{max([n for k, n in _leftovers(path).values() if k == 'v'] + [0]) + 1}")
+    tmp = os.path.join(parent, f".{name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
     os.mkdir(tmp)  # (not mkdtemp: its folders stay private, 0700; this one gets the umask's usual mode)
     try:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
-                 if not (model.cfg.tie_embeddings and k == "lm_head.weight")}
-        dtype = next(iter(state.values())).dtype
         save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        files = {"config.json": json.dumps(export_config(model, dtype), indent=2),
-                 "tokenizer.json": tok.json_text, **(extra_files or {})}
-        for src in ("tokenizer_config.json", "generation_config.json"):  # keep chat template & generation defaults
-            p = os.path.join(os.path.dirname(tok.path), src)
-            if os.path.exists(p) and src not in files:
-                with open(p) as f:
-                    files[src] = f.read()
-        for name, text in files.items():
-            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+        for fname, text in files.items():
+            with open(os.path.join(tmp, fname), "w", encoding="utf-8") as f:
                 f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-        old = None
-        if os.path.exists(path):  # swap: the good checkpoint is only removed once the new one is complete
-            old = tempfile.mkdtemp(prefix=".old-" + os.path.basename(path) + "-", dir=parent)
-            os.rename(path, os.path.join(old, "x"))
-        os.rename(tmp, path)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
+        for fname in os.listdir(tmp):
+            _fsync(os.path.join(tmp, fname))
+        _fsync(tmp)
+        os.rename(tmp, version)  # complete from here on: error handling never deletes it
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _fsync(parent)
+    if plain:  # a checkpoint folder another tool wrote becomes version 0; `path` is missing until _link below
+        os.rename(path, os.path.join(parent, f".{name}.v0"))  # (if cut there, recover() links the newest version)
+    _link(path, version)
+    recover(path)  # the previous version goes
 
 
 # =====================================================================================================
@@ -817,7 +1152,7 @@ class Progress:
 def record_prompt(tok: Tokenizer, rec: dict, chat: bool = True) -> str:
     """The prompt text for a record: its own "prompt" if it has one, else the math template in the chat format."""
     if "prompt" in rec:
-        return rec["prompt"]
+        return str(rec["prompt"])  # (a JSON number is a prompt too; the loaders have checked it is a scalar)
     text = grader.math_prompt(rec["question"])
     return tok.chat(text) if chat else text
 
@@ -861,10 +1196,10 @@ def evaluate(model: Transformer, tok: Tokenizer, records: list[dict], *, max_new
             rec = records[idx[r // samples]]
             n = int(g.lengths[r])
             text = tok.decode([t for t in g.tokens[r, :n].tolist() if t not in stop])
-            pred = grader.extract_answer(text)
+            verdict = grader.grade_detail(text, rec["answer"])  # the RL reward's verdict, with the answer it read
             rows[idx[r // samples] * samples + r % samples] = dict(
                 id=rec.get("id", idx[r // samples]), sample=r % samples, question=rec.get("question", rec.get("prompt")),
-                gold=rec["answer"], completion=text, extracted=pred, correct=grader.is_equiv(rec["answer"], pred),
+                gold=rec["answer"], completion=text, extracted=verdict.pred, correct=verdict.correct,
                 length=n, truncated=not bool(g.stopped[r]),
                 **{k: rec[k] for k in ("subject", "level") if k in rec})
         done += len(idx)
@@ -896,16 +1231,67 @@ def summarise(rows: list[dict], samples: int) -> dict:
 # =====================================================================================================
 # command line
 # =====================================================================================================
+def check_device(name: str) -> torch.device:
+    """--device as a torch.device that exists here: 'cpu', 'cuda', 'cuda:1' (if there are 2 GPUs), 'mps'."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise SwarrError(f"--device {name!r} is not a device (cpu, cuda, cuda:N, mps)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SwarrError(f"--device {name}: CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SwarrError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise SwarrError(f"--device {name}: MPS is not available on this machine")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise SwarrError(f"--device {name}: only cpu, cuda and mps are supported")
+    return dev
+
+
+SEED_LIMIT = 2 ** 32  # seeds are combined (seed * k + step) into torch/random seeds, which must stay < 2**64
+
+
 def check_flags(a):
     """Numbers a command line cannot mean: one error line each, before anything loads."""
     for flag, ok, want in (("--samples", getattr(a, "samples", 1) >= 1, "at least 1"),
-                           ("--temperature", a.temperature >= 0, "0 (greedy) or more"),
+                           ("--temperature", 0 <= a.temperature < math.inf, "0 (greedy) or a finite positive number"),
                            ("--top-p", 0 < getattr(a, "top_p", 1.0) <= 1, "in (0, 1]"),
                            ("--max-new-tokens", a.max_new_tokens >= 1, "at least 1"),
                            ("--batch-size", getattr(a, "batch_size", 1) >= 1, "at least 1"),
-                           ("--limit", getattr(a, "limit", None) is None or a.limit >= 1, "at least 1")):
+                           ("--limit", getattr(a, "limit", None) is None or a.limit >= 1, "at least 1"),
+                           ("--seed", 0 <= getattr(a, "seed", 0) < SEED_LIMIT, "in [0, 2**32)")):
         if not ok:
             raise SwarrError(f"{flag} must be {want}")
+    if getattr(a, "window", None) is not None:
+        check_window(a.window)
+    check_device(a.device)
+
+
+def check_out_folder(out: str, flag: str = "--out"):
+    """Refuse now, before the work, an output folder that could not be written at the end: a path that is a
+    file, or a place where nothing can be created (no permission, read-only file system). Writes nothing."""
+    probe_in = out
+    while not os.path.lexists(probe_in):  # the nearest existing ancestor is where the folder will be made
+        probe_in = os.path.dirname(os.path.abspath(probe_in))
+    if not os.path.isdir(probe_in):
+        raise SwarrError(f"{flag} {out}: {probe_in} exists and is not a folder")
+    try:  # os.access says yes to root even on a read-only file system: really create something
+        os.rmdir(tempfile.mkdtemp(prefix=".swarr-probe-", dir=probe_in))
+    except OSError as e:
+        raise SwarrError(f"{flag} {out}: cannot write in {probe_in} ({e.strerror})") from None
+
+
+def write_text_atomic(path: str, text: str):
+    """Write a file through a temporary sibling and os.replace: an interrupted write leaves the old file whole."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def model_from_flags(a) -> tuple[Transformer, Tokenizer]:
@@ -918,22 +1304,25 @@ def model_from_flags(a) -> tuple[Transformer, Tokenizer]:
 
 
 def cmd_eval(a):
-    model, tok = model_from_flags(a)
+    check_flags(a)
+    out = a.out or os.path.join("runs", "eval-" + os.path.basename(a.model.rstrip("/")))
+    check_out_folder(out)
+    for name in ("summary.json", "samples.jsonl"):
+        if os.path.isdir(os.path.join(out, name)):
+            raise SwarrError(f"--out {out}: {name} there is a folder")
     try:
         records = grader.load_dataset(a.data)[:a.limit]
     except (ValueError, OSError) as e:  # malformed line (file:line in the message) or unreadable file
         raise SwarrError(str(e)) from None
     if not records:
         raise SwarrError(f"{a.data}: no records to evaluate")
+    model, tok = model_from_flags(a)
     summary, rows = evaluate(model, tok, records, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size,
                              samples=a.samples, temperature=a.temperature, chat=not a.raw, seed=a.seed)
     summary.update(model=a.model, data=a.data, window=a.window, windows=model.windows)  # windows: as run, per layer
-    out = a.out or os.path.join("runs", "eval-" + os.path.basename(a.model.rstrip("/")))
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "samples.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_text_atomic(os.path.join(out, "samples.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+    write_text_atomic(os.path.join(out, "summary.json"), json.dumps(summary, indent=2))
     line = f"accuracy {summary['accuracy']:.4f} on {summary['n']} problems"
     if a.samples > 1:
         line += f" (mean of {a.samples} samples {summary['mean_accuracy']:.4f}, majority {summary['majority_accuracy']:.4f})"
@@ -1004,18 +1393,44 @@ def main(argv=None):
 # appendix: plumbing. Building and loading the compiled extension; the CUDA-graph decode step.
 # =====================================================================================================
 _ROOT = os.path.dirname(os.path.abspath(__file__))
-_EXT: dict = {}  # filled by load_extension: {"ops": torch.ops.swarr or None, "cuda": bool, "why": str}
+_EXT: dict = {}  # filled by load_extension: {"ops": torch.ops.swarr or None, "cuda": bool, "why": str, "name": str}
 
 
 def _build_name(with_cuda: bool) -> str:
-    """Library name, unique per CPU + torch version: the CPU code is built with -march=native, so a build folder
-    shared between machines must never hand one processor a library compiled for another."""
+    """Library name, unique per CPU + torch version, and with CUDA per GPU architecture + torch's CUDA version: the
+    CPU code is built with -march=native and the CUDA code for one GPU, so a build folder shared between machines
+    must never hand one a library compiled for another."""
     cpu = platform.processor()
     if os.path.exists("/proc/cpuinfo"):  # Linux: the model name and the instruction-set flags
         with open("/proc/cpuinfo") as f:
             cpu = "".join(sorted({line for line in f if line.startswith(("model name", "flags", "Features"))}))
-    tag = hashlib.sha1(f"{cpu}|{platform.machine()}|{torch.__version__}".encode()).hexdigest()[:10]
-    return f"swarr_ext_{tag}" + ("_cuda" if with_cuda else "")
+    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+    tag = hashlib.sha1(f"{cpu}|{platform.machine()}|{torch.__version__}|{arch_list}".encode()).hexdigest()[:10]
+    if not with_cuda:
+        return f"swarr_ext_{tag}"
+    major, minor = torch.cuda.get_device_capability()
+    return f"swarr_ext_{tag}_cuda_sm{major}{minor}_cu{(torch.version.cuda or '').replace('.', '')}"
+
+
+def _cuda_plan(cpp_extension) -> tuple[bool, str]:
+    """(build the CUDA kernels?, why not): a one-line reason whenever a GPU is there but they cannot be built."""
+    if not torch.cuda.is_available():
+        return False, ""
+    cc, archs = torch.cuda.get_device_capability(), os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+    listed = [tuple(map(int, a.split("."))) for a in re.findall(r"\d+\.\d+", archs)]
+    if cc < (8, 0) or any(a < (8, 0) for a in listed):  # cp.async, bf16 tensor cores
+        return False, f"they need sm_80 or newer; this GPU is sm_{cc[0]}{cc[1]}, TORCH_CUDA_ARCH_LIST={archs!r}"
+    if listed and "PTX" not in archs and not any(a[0] == cc[0] and a <= cc for a in listed):  # no code it can run
+        return False, f"TORCH_CUDA_ARCH_LIST={archs!r} builds no code this GPU (sm_{cc[0]}{cc[1]}) can run"
+    nvcc = os.path.join(cpp_extension.CUDA_HOME or "", "bin", "nvcc")
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+        release = re.search(r"release (\d+)\.", out).group(1)
+    except (OSError, subprocess.SubprocessError, AttributeError):
+        return False, f"no working nvcc at {nvcc!r} (set CUDA_HOME)"
+    if release != (torch.version.cuda or "").split(".")[0]:  # torch's build refuses other CUDA major versions
+        return False, f"nvcc is CUDA {release}.x but torch was built with CUDA {torch.version.cuda}"
+    return True, ""
 
 
 def load_extension():
@@ -1024,9 +1439,9 @@ def load_extension():
     if _EXT:
         return _EXT["ops"]
     from torch.utils import cpp_extension  # imported on first use: it brings in setuptools (~0.5 s)
-    with_cuda = (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
-                 and cpp_extension.CUDA_HOME is not None
-                 and os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")))
+    with_cuda, no_cuda_why = _cuda_plan(cpp_extension)
+    if no_cuda_why:  # the CPU kernels are still built; CUDA tensors take the reference
+        print(f"swarr: CUDA kernels not built: {no_cuda_why}; CUDA tensors use the PyTorch reference", file=sys.stderr)
     name = _build_name(with_cuda)
     build_dir = os.path.join(_ROOT, "build", name)
     sources = [os.path.join(_ROOT, "csrc", "swa_cpu.cpp")]
@@ -1046,7 +1461,7 @@ def load_extension():
         cpp_extension.load(name=name, sources=sources, build_directory=build_dir, with_cuda=with_cuda,
                            extra_cflags=cflags, extra_ldflags=["-fopenmp"], extra_cuda_cflags=["-O3", "-lineinfo"],
                            is_python_module=False)
-        _EXT.update(ops=torch.ops.swarr, cuda=with_cuda, why="")
+        _EXT.update(ops=torch.ops.swarr, cuda=with_cuda, why=no_cuda_why, name=name)
     except Exception as e:  # a failed build must never stop the library: the reference computes the same thing
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         why = next((ln for ln in lines if "error:" in ln), lines[0] if lines else type(e).__name__)  # 1st diagnostic

@@ -144,23 +144,27 @@ def policy_loss(model, samples: list[dict], adv: torch.Tensor, n_norm: float, re
 
 
 # ---- the loop ---------------------------------------------------------------------------------------------
+@training.releases_lock
 def run(args, model=None, tok=None, problems=None, held_out=None, reward_fn=None, log=print,
         history: list | None = None):
     """Train with RL and return the model. problems/held_out: dicts {"prompt", "answer"}; if problems is None
     they come from --data and --held-out (or --held-out-frac); an in-memory `held_out` is used as given.
     reward_fn(completion_text, problem) -> float, default: default_reward."""
     reward_fn = reward_fn or default_reward
-    if args.group_size < 2:
-        raise swarr.SwarrError("--group-size must be at least 2: the baseline is the group's mean reward")
-    if args.temperature <= 0:
-        raise swarr.SwarrError("--temperature must be > 0: the loss scores the distribution the rollouts come from")
+    training.check_args(args)  # every flag, before anything is read or written
     if args.kl and args.resume and model is None and not args.model:
         raise swarr.SwarrError("--kl with --resume needs --model: the KL reference is the starting policy")
     if problems is None:  # read the data first: a bad path should fail before a large model loads
         records = training.read_records(args.data)[:args.limit]
         held_records = training.read_records(args.held_out, "--held-out") if args.held_out else None
+<<<<<<< HEAD
     # Load the starting policy (under torchrun: after joining the other processes), copy the frozen KL reference
     # from it, wrap it for data parallel training, then restore a resumed run over the policy.
+=======
+    training.open_out(args, log)  # refuses to overwrite a run or its input; locks --out
+    rec = training.Recorder(args.out, log, history)
+    # Load the starting policy, copy the frozen KL reference from it, then restore a resumed run over the policy.
+>>>>>>> main
     model, tok = training.load_model(args, model, tok)
     rec, N, rank = training.Recorder(args.out, log, history), distributed.world(), distributed.rank()
     distributed.check(args, args.prompts_per_step, "--prompts-per-step")
@@ -229,7 +233,11 @@ def run(args, model=None, tok=None, problems=None, held_out=None, reward_fn=None
         loss, kl = distributed.all_sum(loss, kl)
         training.check_finite(loss, step + 1, args.out)
         # 5. one AdamW step (none when every group was left out: no signal)
+<<<<<<< HEAD
         grad_norm = training.optimizer_step(model, optimizer, args.clip) if n_rows else 0.0
+=======
+        grad_norm = training.optimizer_step(model, optimizer, args.clip, step + 1, args.out) if rows else 0.0
+>>>>>>> main
         t2, done = time.time(), step + 1
 
         # the metrics of the whole batch, all processes' samples in prompt order

@@ -127,13 +127,19 @@ def held_out_loss(model, examples: list, batch_size: int, device) -> float:
 
 
 # ---- the training loop -----------------------------------------------------------------------------------
+@training.releases_lock
 def run(args, model=None, tok=None, train=None, held_out=None, log=print, history: list | None = None):
     """Fine-tune and return the model. train/held_out: lists of (prompt, response) text; if train is None they
     come from --data and --held-out (or --held-out-frac); an in-memory `held_out` is used as given (None = none)."""
+    training.check_args(args)  # every flag, before anything is read or written
     if train is None:  # read the data first: a bad path should fail before a large model loads
         records = training.read_records(args.data)[:args.limit]
         held_records = training.read_records(args.held_out, "--held-out") if args.held_out else None
+<<<<<<< HEAD
     model, tok = training.load_model(args, model, tok)  # (under torchrun: joins the other processes first)
+=======
+    training.open_out(args, log)  # refuses to overwrite a run or its input; locks --out
+>>>>>>> main
     rec = training.Recorder(args.out, log, history)
     device = next(model.parameters()).device
     if train is None:
@@ -199,7 +205,7 @@ def run(args, model=None, tok=None, train=None, held_out=None, log=print, histor
             tokens += sum(len(ids) for ids, _ in mb)
         loss = distributed.all_sum(loss)[0]
         training.check_finite(loss, step + 1, args.out)
-        grad_norm = training.optimizer_step(model, optimizer, args.clip)
+        grad_norm = training.optimizer_step(model, optimizer, args.clip, step + 1, args.out)
         busy += time.time() - t_step
         losses.append(loss)
         done = step + 1

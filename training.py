@@ -1,9 +1,10 @@
 """The plumbing both training stages share, so that train_sft.py and train_rl.py read as their algorithms.
 
     flags         common_args          the options of both scripts (model, window, data, output, device, resume)
+    checks        check_args, open_out every flag and the output folder (refuse to overwrite, lock), before work
     data          read_records, split_held_out, collate
     model         load_model, apply_window, frozen_copy
-    the step      autocast, make_optimizer, lr_at, check_finite, optimizer_step
+    the step      autocast, make_optimizer, lr_at, check_finite, optimizer_step (NaN/inf stop the run)
     records       Recorder             lines for people, one JSON dict per event for programs (out/log.jsonl)
     checkpoints   save_checkpoint, save_if_due, restore
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
 import os
@@ -46,8 +48,150 @@ def common_args(p: argparse.ArgumentParser, out: str) -> argparse.ArgumentParser
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0 = only at the end)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out, or write into the folder of the input checkpoint")
     distributed.add_args(p)  # --shard, --timeout (under torchrun)
     return p
+
+
+# ---- checking the flags and the output folder, before the work ------------------------------------------
+# flag (as an attribute of args) -> (ok(value), what it must be). Both scripts' flags; a flag a script does not
+# have is skipped. Values that cannot mean anything, or that would silently invert the method, are refused.
+FLAG_RULES = {
+    "batch_size": (lambda v: v >= 1, "at least 1"),
+    "grad_accum": (lambda v: v >= 1, "at least 1"),
+    "log_every": (lambda v: v >= 1, "at least 1"),
+    "epochs": (lambda v: 0 < v < math.inf, "a positive finite number"),
+    "max_steps": (lambda v: v >= 0, "0 (use --epochs) or more"),
+    "max_len": (lambda v: v >= 2, "at least 2 (a prompt token and a response token)"),
+    "lr": (lambda v: 0 < v < math.inf, "a positive finite number"),
+    "min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "warmup": (lambda v: v >= 0, "0 or more"),
+    "weight_decay": (lambda v: 0 <= v < math.inf, "0 or a positive finite number"),
+    "clip": (lambda v: 0 < v < math.inf, "a positive finite number (the largest gradient norm)"),
+    "seed": (lambda v: 0 <= v < swarr.SEED_LIMIT, "in [0, 2**32)"),
+    "held_out_frac": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "limit": (lambda v: v is None or v >= 1, "at least 1"),
+    "save_every": (lambda v: v >= 0, "0 (only at the end) or more"),
+    "eval_every": (lambda v: v >= 0, "0 (only at the end) or more"),
+    "eval_accuracy": (lambda v: v >= 0, "0 or more"),
+    "max_new_tokens": (lambda v: v >= 1, "at least 1"),
+    "steps": (lambda v: v >= 1, "at least 1"),
+    "prompts_per_step": (lambda v: v >= 1, "at least 1"),
+    "group_size": (lambda v: v >= 2, "at least 2: the baseline is the group's mean reward"),
+    "temperature": (lambda v: 0 < v < math.inf, "a positive finite number: the loss scores the sampling distribution"),
+    "kl": (lambda v: 0 <= v < math.inf, "0 or a positive finite number"),
+    "micro_batch": (lambda v: v >= 1, "at least 1"),
+    "eval_n": (lambda v: v >= 0, "0 or more"),
+    "show_every": (lambda v: v >= 0, "0 (never) or more"),
+}
+
+
+def check_args(args):
+    """One error line for the first flag whose value cannot mean anything (see FLAG_RULES), then the window and
+    the device. Runs before anything is read or written."""
+    for name, (ok, want) in FLAG_RULES.items():
+        if hasattr(args, name) and not ok(getattr(args, name)):
+            raise swarr.SwarrError(f"--{name.replace('_', '-')} must be {want}, got {getattr(args, name)!r}")
+    if args.window is not None:
+        swarr.check_window(args.window)
+    swarr.check_device(args.device)
+
+
+RUN_FILES = ("model", "log.jsonl", "samples.jsonl")  # what a run leaves in --out (plus trainer_state-*.pt)
+
+
+def open_out(args, log=print):
+    """Take --out for this run, or refuse with one line before writing anything: a path that is a file or cannot
+    be written; a folder holding another run (unless --resume continues it or --overwrite replaces it); a folder
+    that contains the input checkpoint --model (training would replace its own input; --overwrite allows it); a
+    folder another live process is writing (out/.lock names its pid; the lock of a dead process is taken over).
+    Then an interrupted save is finished or cleaned up (swarr.recover). Under torchrun the processes first join
+    each other (distributed.setup); rank 0 takes --out and tells the others whether it could."""
+    distributed.setup(args)
+    why = ""
+    if distributed.is_main():
+        try:
+            _take_out(args, log)
+        except swarr.SwarrError as e:
+            why = str(e)
+    if distributed.all_sum(float(bool(why)))[0]:
+        raise swarr.SwarrError(why or f"--out {args.out}: refused by rank 0 (its error line says why)")
+
+
+def _take_out(args, log):
+    out = args.out
+    if not out:
+        return
+    swarr.check_out_folder(out)
+    real_out = os.path.realpath(out)
+    if args.model and not args.overwrite:
+        real_in = os.path.realpath(args.model)
+        if real_in == real_out or real_in.startswith(real_out + os.sep):
+            raise swarr.SwarrError(f"--out {out} contains the input checkpoint --model {args.model}: training would "
+                                   f"replace it. Choose another --out (or pass --overwrite)")
+    found = sorted(f for f in (os.listdir(out) if os.path.isdir(out) else [])
+                   if f in RUN_FILES or f.startswith("trainer_state-"))
+    if args.resume:
+        resumed_step(out)  # one line if there is nothing to resume
+    elif found and not args.overwrite:
+        raise swarr.SwarrError(f"--out {out} holds a run already ({', '.join(found)}): pass --resume to continue "
+                               f"it, --overwrite to replace it, or choose another --out")
+    os.makedirs(out, exist_ok=True)
+    take_lock(out, log)
+    swarr.recover(os.path.join(out, "model"))
+    if found and not args.resume:  # --overwrite: the new run's log must not continue the old one's; the old
+        for f in found:             # model stays until the new run's first save replaces it
+            if f != "model":
+                os.remove(os.path.join(out, f))
+
+
+def take_lock(out: str, log=print):
+    """Create out/.lock holding this process's pid; refuse if a live process holds it; take over a dead one's."""
+    lock = os.path.join(out, ".lock")
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(lock) as f:
+                    pid = int(f.read().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid == os.getpid():
+                return
+            if swarr.pid_alive(pid):
+                raise swarr.SwarrError(f"--out {out} is in use by process {pid} (lock {lock}; delete it if that "
+                                       f"process is not training)") from None
+            log(f"taking over the lock of process {pid}, which has ended ({lock})")
+            os.remove(lock)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        return
+
+
+def release_lock(out: str):
+    """Remove out/.lock if this process holds it."""
+    lock = os.path.join(out or "", ".lock")
+    try:
+        with open(lock) as f:
+            if f.read().strip() == str(os.getpid()):
+                os.remove(lock)
+    except OSError:
+        pass
+
+
+def releases_lock(run):
+    """Decorates a script's run(args, ...): the --out lock that open_out takes is released however run ends."""
+    @functools.wraps(run)
+    def wrapped(args, *a, **kw):
+        try:
+            return run(args, *a, **kw)
+        finally:
+            if args.out:
+                release_lock(args.out)
+    return wrapped
 
 
 # ---- data ------------------------------------------------------------------------------------------------
@@ -55,7 +199,7 @@ def read_records(path: str | None, flag: str = "--data") -> list[dict]:
     """Records from a GSM8K / MATH / JSONL file, with one clear error for each way that can fail."""
     if not path:
         raise swarr.SwarrError(f"{flag} is required when no data is passed in")
-    if not os.path.isfile(path):
+    if not os.path.exists(path):  # (a folder or FIFO is refused by grader, with one line)
         raise swarr.SwarrError(f"{path}: data file not found")
     try:
         records = grader.load_dataset(path)
@@ -147,19 +291,62 @@ def lr_at(step: int, total: int, args) -> float:
     return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def last_good(out: str) -> str:
+    """The newest checkpoint in --out, as an error line names it. Every saved checkpoint is finite: save_checkpoint
+    checks the weights first."""
+    if not out:
+        return "none (--out is empty: nothing is saved)"
+    try:
+        step = swarr.read_json(os.path.join(out, "model", "train_config.json"))["step"]
+    except (swarr.SwarrError, KeyError):
+        return f"none: no checkpoint was saved in {out} yet"
+    return f"{os.path.join(out, 'model')} (step {step}), left as it is"
+
+
 def check_finite(loss: float, step: int, out: str):
     """Stop on a NaN/inf loss, before the optimizer step, pointing at the last good checkpoint."""
     if not math.isfinite(loss):
-        raise swarr.SwarrError(f"step {step}: loss is {loss}; stopping. The last good checkpoint is "
-                               f"{os.path.join(out, 'model') if out else '(none: --out is empty)'}")
+        raise swarr.SwarrError(f"step {step}: loss is {loss}; stopping. The last good checkpoint: {last_good(out)}")
 
 
-def optimizer_step(model: swarr.Transformer, optimizer: torch.optim.Optimizer, clip: float) -> float:
+def _cause(model: swarr.Transformer) -> str:
+    """The likely cause of NaN/inf weights, for the error line."""
+    if next(model.parameters()).dtype == torch.float16:
+        return "float16 weights overflow in AdamW: use --dtype float32 or bfloat16"
+    return "--lr too large?"
+
+
+PROBE = "Question: what is 12 * 7? Answer: 12 * 7 = 84, so the answer is 84."
+
+
+def unsound(model: swarr.Transformer, tok: swarr.Tokenizer) -> str | None:
+    """Why these weights must not be saved, or None: NaN/inf weights, or finite weights so large that the logits
+    of a short probe text overflow (e.g. after a step with --lr 1e30)."""
+    if not bool(torch.stack([p.isfinite().all() for p in model.parameters()]).all()):
+        return "the weights are NaN/inf"
+    ids = torch.tensor([tok.encode(PROBE)], device=next(model.parameters()).device)
+    with torch.no_grad():
+        if not bool(model(ids).isfinite().all()):
+            return "the weights are finite but give NaN/inf logits"
+    return None
+
+
+def optimizer_step(model: swarr.Transformer, optimizer: torch.optim.Optimizer, clip: float, step: int = 0,
+                   out: str = "") -> float:
     """Clip the accumulated gradient's norm to `clip`, take the step, clear the gradient. Returns the norm
-    before clipping."""
+    before clipping. A NaN/inf gradient or an optimizer that overflows (e.g. --lr 1e38) stops the run with one
+    line naming the last good checkpoint (`step` and `out` are for that line); NaN/inf weights are caught by
+    the next step's loss and before every save."""
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)  # of the whole gradient, also under FSDP2
     grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-    optimizer.step()
+    stop = f"stopping. The last good checkpoint: {last_good(out)}"
+    if not math.isfinite(grad_norm):
+        raise swarr.SwarrError(f"step {step}: the gradient norm is {grad_norm} ({_cause(model)}); {stop}")
+    try:
+        optimizer.step()
+    except RuntimeError as e:  # AdamW's float arithmetic overflows for a huge learning rate
+        raise swarr.SwarrError(f"step {step}: the optimizer step failed ({str(e).splitlines()[0]}; "
+                               f"{_cause(model)}); {stop}") from None
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
 
@@ -192,8 +379,13 @@ def save_checkpoint(out: str, model, tok, optimizer, step: int, args):
     """out/model (swarr.save, atomic; train_config.json records args and step) + out/trainer_state-<step>.pt.
     The state file is written before the model and older ones are deleted after it, so an interruption at any
     moment leaves a model folder whose step has a state file. Under torchrun every process takes part (the
-    shards are gathered) and rank 0 writes the same files."""
+    shards are gathered) and rank 0 checks and writes the same files."""
     model, optim = distributed.full_state(model, optimizer)
+    why = unsound(model, tok) if distributed.is_main() else None  # never save what cannot be a good checkpoint
+    if distributed.all_sum(float(bool(why)))[0]:
+        raise swarr.SwarrError(f"step {step}: {why or 'the weights are unsound'} "
+                               f"({_cause(model) if why else 'found by rank 0'}); not saved, stopping. "
+                               f"The last good checkpoint: {last_good(out)}")
     if not distributed.is_main():
         return
     name = f"trainer_state-{step}.pt"
@@ -218,14 +410,19 @@ def resumed_step(out: str) -> int:
     """The step of the checkpoint that save_checkpoint left in `out` (which must have been written by as many
     processes as this run has: a step's batch depends on it)."""
     cfg_path = os.path.join(out or "", "model", "train_config.json")
-    if not os.path.isfile(cfg_path):
+    if not os.path.lexists(cfg_path):
         raise swarr.SwarrError(f"--resume: {cfg_path} not found; nothing to resume")
-    with open(cfg_path) as f:
-        saved = json.load(f)
+    try:
+        saved = swarr.read_json(cfg_path)
+    except swarr.SwarrError as e:
+        raise swarr.SwarrError(f"--resume: {e}") from None
+    step = saved.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise swarr.SwarrError(f"--resume: {cfg_path}: 'step' must be an integer >= 0, got {step!r}")
     if saved.get("world_size", 1) != distributed.world():
         raise swarr.SwarrError(f"--resume: {out} was trained by {saved.get('world_size', 1)} process(es); resume it "
                                f"with as many (this run has {distributed.world()})")
-    return saved["step"]
+    return step
 
 
 def restore(args, model: swarr.Transformer, optimizer: torch.optim.Optimizer, rec: Recorder) -> int:
@@ -237,12 +434,18 @@ def restore(args, model: swarr.Transformer, optimizer: torch.optim.Optimizer, re
     weights = swarr.load(os.path.join(args.out, "model"), args.dtype, "cpu")[0].state_dict()
     if {k: v.shape for k, v in weights.items()} != {k: v.shape for k, v in model.state_dict().items()}:
         raise swarr.SwarrError(f"--resume: {args.out}/model is not a checkpoint of this model (--model)")
-    state_file = os.path.join(args.out, f"trainer_state-{step}.pt")
-    optim = torch.load(state_file, map_location="cpu", weights_only=True)["optimizer"]
-    if distributed.world() == 1:
-        model.load_state_dict(weights)
-        optimizer.load_state_dict(optim)
-    else:
-        distributed.load_full_state(model, optimizer, weights, optim)
+    path = os.path.join(args.out, f"trainer_state-{step}.pt")
+    if not os.path.isfile(path):
+        raise swarr.SwarrError(f"--resume: {path} (the optimizer state of step {step}) is missing")
+    try:
+        optim = torch.load(path, map_location="cpu", weights_only=True)["optimizer"]
+        if distributed.world() == 1:
+            model.load_state_dict(weights)
+            optimizer.load_state_dict(optim)
+        else:  # every process reads the whole state and keeps its part
+            distributed.load_full_state(model, optimizer, weights, optim)
+    except Exception as e:  # truncated, not a torch file, or moments of another model
+        raise swarr.SwarrError(f"--resume: {path}: not a trainer state of this run "
+                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"[:400]) from None
     rec(f"resumed from {args.out}/model at step {step}")
     return step

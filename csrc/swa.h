@@ -6,6 +6,7 @@
 //   Scores are scale * q.k; lse = log-sum-exp of the scaled scores of each query (saved for the backward).
 #pragma once
 #include <ATen/ATen.h>
+#include <algorithm>
 #include <cstdlib>
 #include <limits>
 
@@ -38,6 +39,10 @@ inline void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   check_contiguous(k, "k");
   check_contiguous(v, "v");
 }
+
+// The window the kernels see: W clamped to the sequence length (a larger window means the same thing, full causal
+// attention), so index arithmetic such as j + W can never overflow however large the caller's W is.
+inline int64_t effective_window(int64_t window, int64_t N) { return std::min(window, std::max<int64_t>(N, 1)); }
 
 // q (B,Hq,D); caches (B,Hkv,S,D); valid (B,) int64 on the same device.
 inline void check_decode(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& valid) {

@@ -441,7 +441,8 @@ void check_cpu_dtype(const at::Tensor& t) {
 }
 
 Dims dims_of(const at::Tensor& q, const at::Tensor& k, int64_t window) {
-  return Dims{q.size(0), q.size(1), k.size(1), q.size(2), q.size(3), window};
+  const int64_t W = effective_window(window, q.size(2));
+  return Dims{q.size(0), q.size(1), k.size(1), q.size(2), q.size(3), W};
 }
 
 std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

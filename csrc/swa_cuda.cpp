@@ -1,6 +1,7 @@
 // Torch glue for the CUDA kernels: input checks, output allocation, stream, and registration of the CUDA
 // implementations of torch.ops.swarr.{fwd, bwd, decode} (the schemas are defined in swa_cpu.cpp).
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -25,8 +26,20 @@ void check_head_dim(int64_t D) {
   TORCH_CHECK(D >= 1 && D <= 256, "swarr: the CUDA kernels support head dims 1..256, got ", D);
 }
 
+// Launch-grid limits: the tensor-core forward puts the heads on grid y and the batch on grid z (at most 65535
+// each); every kernel puts its blocks on grid x (at most 2^31 - 1; the row kernels have 8 rows per block).
+void check_grid(const at::Tensor& q) {
+  constexpr int64_t kMaxYZ = 65535, kMaxX = 2147483647;
+  TORCH_CHECK(q.size(0) <= kMaxYZ && q.size(1) <= kMaxYZ, "swarr: the CUDA kernels take at most ", kMaxYZ,
+              " batch rows and ", kMaxYZ, " query heads (CUDA grid limit), got ", q.size(0), " and ", q.size(1));
+  TORCH_CHECK(q.numel() / std::max<int64_t>(1, q.size(-1)) / 8 < kMaxX, "swarr: ", q.numel() / q.size(-1),
+              " query rows exceed the CUDA grid limit of the row kernels (8 x (2^31 - 1))");
+}
+
 AttnShape shape_of(const at::Tensor& q, const at::Tensor& k, int64_t window) {
-  return AttnShape{q.size(0), q.size(1), k.size(1), q.size(2), q.size(3), window};
+  check_grid(q);
+  check_grid(k);  // the key/value-row backward kernel runs over B x Hkv x N rows
+  return AttnShape{q.size(0), q.size(1), k.size(1), q.size(2), q.size(3), effective_window(window, q.size(2))};
 }
 
 std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -73,14 +86,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(const at::Tensor& dout, 
   return {dq, dk, dv};
 }
 
-// valid is not range-checked here (that would need a device-to-host copy per token): the kernel clamps it to
-// [0, S], and a row with no valid slot gets zeros.
+// valid must lie in [1, S], as on the CPU. Checking it reads two numbers back to the host (a synchronisation), which
+// a stream being captured into a CUDA graph cannot do: there the check is skipped (the graph's first, eager runs
+// have made it) and the kernel clamps valid to [0, S], a row with no valid slot getting zeros.
+void check_valid(const at::Tensor& valid, int64_t S) {
+  if (valid.numel() == 0 || c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None)
+    return;
+  const auto [lo_t, hi_t] = at::aminmax(valid);
+  const at::Tensor both = at::stack({lo_t, hi_t}).cpu();
+  const int64_t lo = both[0].item<int64_t>(), hi = both[1].item<int64_t>();
+  TORCH_CHECK(lo >= 1 && hi <= S, "swarr: valid holds values in [", lo, ", ", hi, "], outside [1, ", S, "]");
+}
+
 at::Tensor decode_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                        const at::Tensor& valid, double scale) {
   check_decode(q, k_cache, v_cache, valid);
   const CudaDType dt = cuda_dtype(q);
   check_head_dim(q.size(2));
   const c10::cuda::CUDAGuard guard(q.device());
+  TORCH_CHECK(q.size(0) * q.size(1) < 2147483647, "swarr: decode takes fewer than 2^31 (batch, head) pairs");
+  check_valid(valid, k_cache.size(2));
   at::Tensor out = new_output(q.sizes(), q.options());
   if (q.numel() > 0)
     C10_CUDA_CHECK(launch_decode(dt, q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),

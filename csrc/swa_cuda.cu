@@ -14,6 +14,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <atomic>
 #include <type_traits>
 
 namespace swarr {
@@ -422,8 +423,17 @@ template <typename T, int D>
 cudaError_t launch_fwd_mma(const T* q, const T* k, const T* v, T* out, float* lse, AttnShape s, float scale,
                            cudaStream_t stream) {
   constexpr int bytes = mma_smem_bytes<D>();
-  cudaError_t e = cudaFuncSetAttribute(fwd_mma_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  // More than 48 KB of dynamic shared memory needs a per-kernel opt-in, once per device (a bit per device id).
+  static std::atomic<uint64_t> opted_in{0};
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
   if (e != cudaSuccess) return e;
+  const uint64_t bit = dev < 64 ? uint64_t(1) << dev : 0;
+  if (!(opted_in.load(std::memory_order_relaxed) & bit)) {
+    e = cudaFuncSetAttribute(fwd_mma_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    if (e != cudaSuccess) return e;
+    opted_in.fetch_or(bit, std::memory_order_relaxed);
+  }
   const dim3 grid(unsigned((s.N + kBQ - 1) / kBQ), unsigned(s.Hq), unsigned(s.B));
   fwd_mma_kernel<T, D><<<grid, 32 * kWarpsMma, bytes, stream>>>(q, k, v, out, lse, s, scale * 1.4426950408889634f);
   return cudaGetLastError();

@@ -27,8 +27,8 @@ def test_eval_end_to_end(ckpts, tmp_path):
     assert summary["truncated"] == sum(r["truncated"] for r in rows) / 15
     assert abs(summary["mean_length"] - sum(r["length"] for r in rows) / 15) < 1e-9
     for row in rows:  # every verdict is the grader's verdict on the stored completion
-        assert row["extracted"] == grader.extract_answer(row["completion"])
-        assert row["correct"] == grader.is_equiv(row["gold"], row["extracted"])
+        verdict = grader.grade_detail(row["completion"], row["gold"])
+        assert row["extracted"] == verdict.pred and row["correct"] == verdict.correct
 
 
 def test_majority_vote_groups_equivalent_answers():

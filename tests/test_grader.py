@@ -202,16 +202,18 @@ def test_no_string_evaluation_in_source():
     assert not re.search(r"(?<!re\.)\b(eval|exec|sympify|parse_expr|compile|S|__import__)\s*\(", src)
 
 
-def test_alarm_handler_restored_and_threads_fall_back():
+def test_signals_untouched_and_threads_grade_alike():
+    """The deadline needs no signal: SIGALRM's handler and the interval timer stay as they were, and a worker
+    thread reaches the symbolic layer like the main thread (tests/test_grader_conventions.py has more)."""
     before = signal.getsignal(signal.SIGALRM)
     assert grader.is_equiv("\\frac{\\sqrt2}{2}", "\\sqrt{2}/2")
     assert signal.getsignal(signal.SIGALRM) is before and signal.getitimer(signal.ITIMER_REAL)[0] == 0
-    out = []  # other threads cannot use SIGALRM: strings and numbers only, symbolic answers are False
+    out = []
     th = threading.Thread(target=lambda: out.extend([grader.is_equiv("1/2", "0.5"), grader.is_equiv("x", "x"),
                                                      grader.is_equiv("\\sqrt2/2", "\\frac{1}{\\sqrt2}")]))
     th.start()
     th.join()
-    assert out == [True, True, False]
+    assert out == [True, True, True]
 
 
 def test_throughput():

@@ -119,6 +119,20 @@ def test_full_attention_and_scale(ops):
     assert rel_err(swarr.attention(q, k, v, 7, scale=0.3), swarr.attention_ref(q, k, v, 7, scale=0.3)) < 1e-12
 
 
+def test_huge_window_is_full_attention(ops):
+    """A window far beyond the length (up to INT64_MAX) means full causal attention; index arithmetic such as j + W
+    must not overflow (the glue clamps W to N)."""
+    q, k, v = qkv(1, 4, 2, 37, 8, grad=True)
+    ref = swarr.attention_ref(q, k, v, None)
+    dout = torch.randn_like(ref)
+    grads_ref = torch.autograd.grad(ref, (q, k, v), dout)
+    for W in (38, 2 ** 62, 2 ** 63 - 1):
+        out = swarr.attention(q, k, v, W)
+        assert rel_err(out, ref) < 1e-12, W
+        for g, gr in zip(torch.autograd.grad(out, (q, k, v), dout), grads_ref):
+            assert rel_err(g, gr) < 1e-12, W
+
+
 def test_wrapper_casts_and_makes_contiguous(ops):
     """bf16 inputs are computed in float32 on the CPU and returned as bf16; (B, N, H, D) views are accepted."""
     x = torch.randn(2, 40, 4, 16)  # (B, N, H, D) as a projection produces it
@@ -277,10 +291,28 @@ def test_cuda_graph_generation_matches_cpu():
 @cuda
 def test_bad_inputs_cuda(ops):
     q, k, v = qkv(1, 4, 2, 10, 8, dtype=torch.float32, device="cuda")
+    q1 = q[:, :, 0].contiguous()
     for call in (lambda: ops.fwd(q, k, v, 0, 0.5), lambda: ops.fwd(q.double(), k.double(), v.double(), 4, 0.5),
-                 lambda: ops.fwd(q, k.cpu(), v, 4, 0.5), lambda: ops.fwd(q.transpose(2, 3), k, v, 4, 0.5)):
+                 lambda: ops.fwd(q, k.cpu(), v, 4, 0.5), lambda: ops.fwd(q.transpose(2, 3), k, v, 4, 0.5),
+                 lambda: ops.decode(q1, k, v, torch.tensor([0], device="cuda"), 0.5),  # as on the CPU: valid in [1, S]
+                 lambda: ops.decode(q1, k, v, torch.tensor([11], device="cuda"), 0.5),
+                 lambda: ops.decode(q1, k, v, torch.tensor([3]), 0.5)):  # valid on another device
         with pytest.raises(RuntimeError, match="swarr"):
             call()
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_huge_window_cuda(ops, poison, dtype):
+    """W far beyond N (up to INT64_MAX) is full causal attention on the GPU too, forward and backward."""
+    q, k, v = (t.to(dtype).requires_grad_() for t in qkv(1, 4, 2, 150, 64, dtype=torch.float32, device="cuda"))
+    dout = torch.randn_like(q)
+    out_full = swarr.attention(q, k, v, None)
+    g_full = torch.autograd.grad(out_full, (q, k, v), dout)
+    for W in (2 ** 62, 2 ** 63 - 1):
+        out = swarr.attention(q, k, v, W)
+        assert torch.equal(out, out_full)
+        assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(out, (q, k, v), dout), g_full))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -294,16 +326,28 @@ def _nvcc():
 
 
 @pytest.mark.skipif(_nvcc() is None, reason="nvcc not found")
-def test_cuda_sources_compile(tmp_path):
-    """nvcc compiles the kernels (sm_80: mma.sync, ldmatrix, cp.async) and the torch glue.
-    torch's CPU-only wheels lack one generated header of c10/cuda; a stand-in is written for the check."""
+@pytest.mark.parametrize("arch", ["80", "90"])
+def test_cuda_kernels_compile(tmp_path, arch):
+    """nvcc compiles the kernels for A100-class (sm_80: mma.sync, ldmatrix, cp.async) and Hopper (sm_90) cards, with
+    no register spills and no stack frame in any kernel (ptxas's resource report)."""
+    r = subprocess.run([_nvcc(), "-c", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}", "-O3",
+                        "-Xptxas", "-v,-warn-spills", str(ROOT / "csrc" / "swa_cuda.cu"), "-o",
+                        str(tmp_path / "swa_cuda.o")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    report = r.stdout + r.stderr
+    frames = [ln for ln in report.splitlines() if "stack frame" in ln]
+    assert len(frames) >= 3 * 6, report[-2000:]  # every kernel of the three dtypes was compiled for this arch
+    assert all(ln.strip().startswith("0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads")
+               for ln in frames), report[-4000:]
+    assert f"for 'sm_{arch}'" in report
+
+
+@pytest.mark.skipif(_nvcc() is None, reason="nvcc not found")
+def test_cuda_glue_compiles(tmp_path):
+    """nvcc compiles the torch glue (swa_cuda.cpp). torch's CPU-only wheels lack one generated header of c10/cuda;
+    a stand-in is written for the check."""
     nvcc = _nvcc()
     csrc = ROOT / "csrc"
-    r = subprocess.run([nvcc, "-c", "-std=c++17", "-arch=sm_80", "-O3", "-Xptxas", "-warn-spills",
-                        str(csrc / "swa_cuda.cu"), "-o", str(tmp_path / "swa_cuda.o")], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-4000:]
-    assert "spill" not in r.stderr, r.stderr[-4000:]
-
     from torch.utils.cpp_extension import include_paths
     incs = include_paths()
     if not any((Path(p) / "c10/cuda/impl/cuda_cmake_macros.h").exists() for p in incs):
@@ -314,5 +358,121 @@ def test_cuda_sources_compile(tmp_path):
     # nvcc hands a .cpp file to the host compiler, adding CUDA's own include folder
     args = [nvcc, "-c", "-std=c++17"] + [f"-I{p}" for p in incs]
     r = subprocess.run(args + [str(csrc / "swa_cuda.cpp"), "-o", str(tmp_path / "glue.o")], capture_output=True,
-                       text=True)
+                       text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building: the library's name, the CUDA fallback and its reason; the per-op choice of backend
+
+
+def test_build_name_keys_the_gpu_and_cuda_version(monkeypatch):
+    """A build folder shared between machines never hands a library to another GPU architecture, another CUDA
+    version or another TORCH_CUDA_ARCH_LIST."""
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    h100 = swarr._build_name(True)
+    assert h100.endswith("_cuda_sm90_cu128") and swarr._build_name(False) == h100.split("_cuda")[0]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    assert swarr._build_name(True).endswith("_cuda_sm80_cu128")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    assert swarr._build_name(True).endswith("_cuda_sm80_cu130")
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    assert swarr._build_name(True).split("_cuda")[0] != h100.split("_cuda")[0]
+
+
+def _fake_nvcc(tmp_path, release):
+    """A CUDA_HOME whose bin/nvcc prints the version banner of CUDA `release`."""
+    nvcc = tmp_path / f"cuda{release}" / "bin" / "nvcc"
+    nvcc.parent.mkdir(parents=True)
+    nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {release}, V{release}.88'\n")
+    nvcc.chmod(0o755)
+    return type("cpp_extension", (), {"CUDA_HOME": str(nvcc.parent.parent)})
+
+
+def test_cuda_plan_says_why_it_falls_back(monkeypatch, tmp_path):
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    ext13 = _fake_nvcc(tmp_path, "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert swarr._cuda_plan(ext13) == (False, "")  # no GPU: nothing to fall back from, nothing to say
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    assert swarr._cuda_plan(ext13) == (True, "")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
+    ok, why = swarr._cuda_plan(ext13)
+    assert not ok and "sm_80" in why and "sm_75" in why
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "7.0;9.0+PTX")
+    ok, why = swarr._cuda_plan(ext13)
+    assert not ok and "TORCH_CUDA_ARCH_LIST='7.0;9.0+PTX'" in why
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0 9.0")
+    assert swarr._cuda_plan(ext13) == (True, "")
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;8.6")  # sm_8x code does not run on sm_90
+    ok, why = swarr._cuda_plan(ext13)
+    assert not ok and "no code this GPU (sm_90) can run" in why
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0+PTX")  # PTX: the driver compiles it for the GPU
+    assert swarr._cuda_plan(ext13) == (True, "")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 9))
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;8.6")  # within a major version, older code runs
+    assert swarr._cuda_plan(ext13) == (True, "")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    ok, why = swarr._cuda_plan(ext13)
+    assert not ok and "nvcc is CUDA 13.x" in why and "12.8" in why
+    assert swarr._cuda_plan(_fake_nvcc(tmp_path, "12.6")) == (True, "")
+    ok, why = swarr._cuda_plan(type("cpp_extension", (), {"CUDA_HOME": None}))
+    assert not ok and "nvcc" in why
+
+
+def test_cuda_fallback_prints_its_reason_once(ops):
+    """A GPU the kernels cannot use: the CPU kernels still load, CUDA tensors take the reference, and one line on
+    stderr says why, however often the extension is asked for."""
+    script = ("import torch, swarr\n"
+              "torch.cuda.is_available = lambda: True\n"
+              "torch.cuda.get_device_capability = lambda *a: (7, 0)\n"
+              "for _ in range(3):\n"
+              "    assert swarr.load_extension() is not None\n"
+              "assert swarr.backend_name() == 'ext' and swarr._EXT['cuda'] is False\n"
+              "print(swarr._EXT['name'])\n")
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("swarr:")]
+    assert len(lines) == 1 and "CUDA kernels not built" in lines[0] and "sm_70" in lines[0], r.stderr
+    assert "_cuda" not in r.stdout
+
+
+def test_ref_ops_send_single_ops_to_the_reference(ops, backend, monkeypatch):
+    """SWARR_CUDA_REF_OPS's mechanism (exercised here on the CPU's entry): under auto, each named op takes the
+    reference and the others keep the extension; results agree either way; an unknown op name is refused."""
+    calls = []
+    for fn in ("attention_ref", "decode_ref"):
+        real = getattr(swarr, fn)
+        monkeypatch.setattr(swarr, fn, lambda *a, real=real, fn=fn, **k: calls.append(fn) or real(*a, **k))
+    q, k, v = qkv(1, 4, 2, 30, 8, grad=True)
+    dout = torch.randn_like(q)
+    swarr.set_backend("auto")
+    out = swarr.attention(q, k, v, 7)
+    ext_grads = torch.autograd.grad(out, (q, k, v), dout)
+    assert calls == []
+    monkeypatch.setitem(swarr._REF_OPS, "cpu", {"bwd"})
+    out2 = swarr.attention(q, k, v, 7)
+    assert calls == [] and torch.equal(out, out2)  # the forward is still the extension's
+    grads = torch.autograd.grad(out2, (q, k, v), dout)
+    assert calls == ["attention_ref"]  # the backward went through the reference
+    assert all(rel_err(a, b) < 1e-12 for a, b in zip(grads, ext_grads))
+    monkeypatch.setitem(swarr._REF_OPS, "cpu", {"fwd", "decode"})
+    calls.clear()
+    swarr.attention(q, k, v, 7)
+    _, _, k_cache, v_cache, valid = ring_caches([3, 9], 5, 2, 8)
+    swarr.decode(torch.randn(2, 4, 8, dtype=torch.float64), k_cache, v_cache, valid)
+    assert calls == ["attention_ref", "decode_ref"]
+    swarr.set_backend("ext")  # an explicit backend overrides the per-op choice
+    calls.clear()
+    swarr.attention(q, k, v, 7)
+    assert calls == []
+    monkeypatch.setitem(swarr._REF_OPS, "cuda", {"bwd", "backward"})
+    with pytest.raises(swarr.SwarrError, match="SWARR_CUDA_REF_OPS"):
+        swarr.set_backend("auto")

@@ -232,7 +232,8 @@ def test_save_is_atomic(ckpts, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         swarr.save(model.set_window(3), tok, str(out))
     assert (out / "model.safetensors").read_bytes() == before
-    assert sorted(os.listdir(tmp_path)) == ["ck"]  # no temporary folder left behind
+    assert sorted(os.listdir(tmp_path)) == [".ck.v1", "ck"]  # no temporary folder left behind
+    assert os.readlink(out) == ".ck.v1"  # ck is a symlink to the complete folder
 
 
 def test_saved_folder_has_the_usual_permissions(ckpts, tmp_path):
