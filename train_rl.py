@@ -157,17 +157,12 @@ def run(args, model=None, tok=None, problems=None, held_out=None, reward_fn=None
     if problems is None:  # read the data first: a bad path should fail before a large model loads
         records = training.read_records(args.data)[:args.limit]
         held_records = training.read_records(args.held_out, "--held-out") if args.held_out else None
-<<<<<<< HEAD
-    # Load the starting policy (under torchrun: after joining the other processes), copy the frozen KL reference
-    # from it, wrap it for data parallel training, then restore a resumed run over the policy.
-=======
-    training.open_out(args, log)  # refuses to overwrite a run or its input; locks --out
-    rec = training.Recorder(args.out, log, history)
-    # Load the starting policy, copy the frozen KL reference from it, then restore a resumed run over the policy.
->>>>>>> main
-    model, tok = training.load_model(args, model, tok)
+    training.open_out(args, log)  # joins the other processes under torchrun; refuses to overwrite; locks --out
     rec, N, rank = training.Recorder(args.out, log, history), distributed.world(), distributed.rank()
     distributed.check(args, args.prompts_per_step, "--prompts-per-step")
+    # Load the starting policy, copy the frozen KL reference from it, wrap it for data-parallel training, then
+    # restore a resumed run over the policy.
+    model, tok = training.load_model(args, model, tok)
     ref = training.frozen_copy(model) if args.kl else None
     if ref is not None:
         mb = sum(p.numel() * p.element_size() for p in ref.parameters()) / 2**20
@@ -233,11 +228,7 @@ def run(args, model=None, tok=None, problems=None, held_out=None, reward_fn=None
         loss, kl = distributed.all_sum(loss, kl)
         training.check_finite(loss, step + 1, args.out)
         # 5. one AdamW step (none when every group was left out: no signal)
-<<<<<<< HEAD
-        grad_norm = training.optimizer_step(model, optimizer, args.clip) if n_rows else 0.0
-=======
-        grad_norm = training.optimizer_step(model, optimizer, args.clip, step + 1, args.out) if rows else 0.0
->>>>>>> main
+        grad_norm = training.optimizer_step(model, optimizer, args.clip, step + 1, args.out) if n_rows else 0.0
         t2, done = time.time(), step + 1
 
         # the metrics of the whole batch, all processes' samples in prompt order

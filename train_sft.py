@@ -135,12 +135,9 @@ def run(args, model=None, tok=None, train=None, held_out=None, log=print, histor
     if train is None:  # read the data first: a bad path should fail before a large model loads
         records = training.read_records(args.data)[:args.limit]
         held_records = training.read_records(args.held_out, "--held-out") if args.held_out else None
-<<<<<<< HEAD
-    model, tok = training.load_model(args, model, tok)  # (under torchrun: joins the other processes first)
-=======
-    training.open_out(args, log)  # refuses to overwrite a run or its input; locks --out
->>>>>>> main
+    training.open_out(args, log)  # joins the other processes under torchrun; refuses to overwrite; locks --out
     rec = training.Recorder(args.out, log, history)
+    model, tok = training.load_model(args, model, tok)
     device = next(model.parameters()).device
     if train is None:
         train = [sft_pair(tok, model.cfg, r) for r in records]
