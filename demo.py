@@ -1,24 +1,31 @@
 """The main job: the SWARR finding, end to end, on the embedded default (a CPU, a few minutes).
 
-    python demo.py [--seed 0] [--window 40] [--quick] [--model DIR --data FILE] [--out runs/demo]
+    python demo.py [--seed 0] [--window 40] [--quick] [--sweep] [--rate R] [--split valid] [--out runs/demo]
 
-From one pretrained self-attention (SA) model (data/tiny-sa, 0.83M parameters, pretrained by data/pretrain.py)
+From one pretrained self-attention (SA) model (data/tiny-sa, 0.82M parameters, pretrained by data/pretrain.py)
 and one synthetic task (data/synth.py: sums of products, whose SFT traces are written "for SA"), it runs
-  1. SA + SFT        the full-attention baseline                          (train_sft.run)
-  2. SWA + SFT       the conversion: same data, same steps, window W      (train_sft.run --window W)
-  3. SWARR           2, then on-policy REINFORCE, reward = correctness    (train_rl.run)
-  4. control         2, then as many more SFT sequences as RL trains on   (train_sft.run)
-and evaluates every row greedily on held-out problems never seen in training (swarr.evaluate). The training
-and evaluation loops are those of train_sft.py, train_rl.py and `swarr.py eval`; this file only wires them up.
+  1. SA + SFT        the full-attention baseline                               (train_sft.run)
+  2. SWA + SFT       the conversion: same data, same steps, window W           (train_sft.run --window W)
+  3. SWARR           2, then on-policy REINFORCE, reward = correctness         (train_rl.run)
+  4. more SFT        2, then as many more SFT sequences as RL samples          (train_sft.run)
+  5. rejection       2's own samples, as many as RL draws, at RL's temperature, on RL's prompts, kept when the
+     sampling        same reward accepts them, then fine-tuned on for as many sequences as RL samples (train_sft.run)
+  6. ceiling         2, then as many SFT sequences of traces that restate at every line (what a trajectory that
+                     always stays near can reach inside the window)
+and evaluates every row on held-out problems never seen in training (swarr.evaluate): greedy, and at T = 1
+(several samples per problem), each with a 95% Wilson interval. The training and evaluation loops are those of
+train_sft.py, train_rl.py and `swarr.py eval`; this file only wires them up.
 
-Besides accuracy it shows the mechanism: the task has two trace styles, "direct:" (reads every term from the
-question, ever further back: fine for SA) and "step by step:" (restates what is left, so each line needs only
-the line before it). 80% of the SFT traces are direct. Under a window of 40 tokens the direct style cannot be
-followed; RL, which trains on the SWA model's own trajectories, moves it to the window-friendly style.
+Besides accuracy it measures the mechanism: every line of a solution may restate the terms still to come, or
+not. The SFT data restate at a minority rate per line (synth.RESTATE_RATE), independently; a trace that restates
+rarely reaches back to the question, beyond a small window. For the SFT data and every row it reports the
+per-line restatement rate and how far back the traces reach (synth.lookback). Nothing that makes the data, the
+reward or the selection knows W; only the model's attention does.
 
-Writes to --out: report.md (the table), results.json (every number), rl_curve.svg (reward, window-friendly share
-and held-out accuracy over the RL steps), log.jsonl (every training event), models/{sa-sft,swa-sft,swarr,control}/
-(the four models, HF format) and test.jsonl (the held-out problems), so that for example
+--sweep runs rows 2-6 for each window of --windows (SA + SFT once) and draws them against W (sweep.svg).
+
+Writes to --out: report.md, results.json (every number), rl_curve.svg, log.jsonl (every training event),
+models/<row>/ (HF format) and test.jsonl (the held-out problems), so that for example
     python swarr.py eval --model runs/demo/models/swarr --data runs/demo/test.jsonl
 grades a row again.
 """
@@ -27,6 +34,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import statistics
 import sys
@@ -44,106 +52,155 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "data"))
 import synth  # noqa: E402  (data/synth.py: the embedded task)
 
-SA, SWA, SWARR, CONTROL = "SA + SFT", "SWA + SFT", "SWARR (SWA + SFT + RL)", "control (SWA + SFT + more SFT)"
-FOLDERS = {SA: "sa-sft", SWA: "swa-sft", SWARR: "swarr", CONTROL: "control"}  # out/models/<folder>
+SA, SWA, SWARR, MORE, REJECT, CEIL = ("SA + SFT", "SWA + SFT", "SWARR (SWA + SFT + RL)", "more SFT",
+                                      "rejection sampling", "ceiling (all lines restate)")
+FOLDERS = {SA: "sa-sft", SWA: "swa-sft", SWARR: "swarr", MORE: "more-sft", REJECT: "rejection", CEIL: "ceiling"}
 DEFAULT_MODEL = os.path.join(HERE, "data", "tiny-sa")
 
-# The defaults were found on the embedded model and task (data/README.md has the search and its results).
+# The defaults were chosen on the validation split (--split valid); data/README.md has the search.
 SFT = dict(steps=300, batch=16, lr=1e-3, warmup=10)
 RL = dict(steps=40, prompts=8, group=8, lr=2e-4, temperature=1.0, micro_batch=32)
 QUICK_RL = dict(steps=20, lr=3e-4)
+WINDOW = 40
+SWEEP = (24, 32, 40, 48, 56, 64)
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="demo.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--seed", type=int, default=0, help="data split, batch order, sampling (default 0)")
-    p.add_argument("--window", type=int, default=40, help="the SWA window W, keys per query (default 40)")
-    p.add_argument("--quick", action="store_true", help="RL 20 steps at a higher lr, 100 test problems (~1.5 min)")
+    p.add_argument("--window", type=int, default=WINDOW, help=f"the SWA window W, keys per query (default {WINDOW})")
+    p.add_argument("--quick", action="store_true",
+                   help=f"RL {QUICK_RL['steps']} steps at lr {QUICK_RL['lr']:g} (controls matched), 100 test problems")
+    p.add_argument("--sweep", action="store_true", help="rows 2-6 for every window of --windows, and sweep.svg")
+    p.add_argument("--windows", default=",".join(map(str, SWEEP)), help="the windows of --sweep")
+    p.add_argument("--rate", type=float, default=synth.RESTATE_RATE,
+                   help=f"per-line restatement rate of the SFT data (default {synth.RESTATE_RATE})")
+    p.add_argument("--split", choices=["test", "valid"], default="test",
+                   help="evaluate on the test problems or on the validation problems (for choosing settings)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="pretrained SA checkpoint (HF folder; default data/tiny-sa)")
     p.add_argument("--data", default=None, help="GSM8K/MATH/JSONL file instead of the synthetic task "
-                                                "(split into train and held-out; style shares are then n/a)")
+                                                "(split into train and held-out; restatement columns then n/a)")
     p.add_argument("--n-train", type=int, default=4000, help="training problems (SFT and RL prompts)")
     p.add_argument("--n-test", type=int, default=None, help="held-out problems (default 200, --quick 100)")
+    p.add_argument("--samples", type=int, default=4, help="samples per held-out problem at T = 1 (default 4)")
     p.add_argument("--sft-steps", type=int, default=SFT["steps"])
     p.add_argument("--rl-steps", type=int, default=None, help=f"default {RL['steps']}, --quick {QUICK_RL['steps']}")
+    p.add_argument("--rl-lr", type=float, default=None, help=f"default {RL['lr']:g}, --quick {QUICK_RL['lr']:g}")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--context", type=int, default=32768, help="context of the decode speed / KV memory comparison")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default=os.path.join("runs", "demo"), help="folder for report.md, results.json, rl_curve.svg")
+    p.add_argument("--out", default=os.path.join("runs", "demo"), help="folder for report.md, results.json, ...")
     return p
 
 
 # ---- progress over the whole run ---------------------------------------------------------------------------
 class Stages:
-    """`[2/6] SWA + SFT ...  elapsed 30s  ETA 75s` at the start of each stage. The ETA weighs the stages by
+    """`[2/7] SWA + SFT ...  elapsed 30s  ETA 75s` at the start of each stage. The ETA weighs the stages by
     their cost measured on the 2-core dev CPU and rescales by how fast this run's weighed stages have gone (the
     load stage weighs 0: on a first run it includes compiling csrc/, which says nothing about the rest)."""
 
-    def __init__(self, stages: dict):
-        self.cost, self.names, self.t0, self.done, self.busy = stages, list(stages), time.time(), 0.0, 0.0
+    def __init__(self, stages: list):
+        self.stages, self.t0, self.done, self.busy, self.i = stages, time.time(), 0.0, 0.0, 0
 
     def start(self, name: str):
-        self.t_start = time.time()
+        self.t_start, self.name = time.time(), name
         rate = self.busy / self.done if self.done else 1.0
-        eta = rate * (sum(self.cost.values()) - self.done)
-        print(f"\n[{self.names.index(name) + 1}/{len(self.names)}] {name}  elapsed {self.t_start - self.t0:.0f}s  "
-              f"ETA {eta:.0f}s", flush=True)
+        eta = rate * (sum(c for _, c in self.stages) - self.done)
+        self.i += 1
+        print(f"\n[{self.i}/{len(self.stages)}] {name}  elapsed {self.t_start - self.t0:.0f}s  ETA {eta:.0f}s",
+              flush=True)
 
-    def end(self, name: str):
-        if self.cost[name]:
-            self.done += self.cost[name]
+    def end(self):
+        cost = self.stages[self.i - 1][1]
+        if cost:
+            self.done += cost
             self.busy += time.time() - self.t_start
 
 
 # ---- data --------------------------------------------------------------------------------------------------
 def task(args, tok, cfg):
-    """(sft_pairs, rl_problems, test_records) for the synthetic task, or for --data (a GSM8K/MATH/JSONL file)."""
+    """(sft_pairs, rl_problems, held_out_records, ceiling_pairs) for the synthetic task, or for --data (then the
+    ceiling is None). Held-out records are the test problems, or with --split valid the validation problems."""
     n_test = args.n_test or (100 if args.quick else 200)
+    eot = train_sft.end_of_turn(tok, cfg)
     if args.data:
         recs = training.read_records(args.data)
         train, test = training.split_held_out(recs, n_test / len(recs), args.seed)
         train = train[:args.n_train]
         sft = [train_sft.sft_pair(tok, cfg, r) for r in train]
-        problems = [{"prompt": swarr.record_prompt(tok, r), "answer": r["answer"], "split": "train"} for r in train]
+        problems = [{"prompt": swarr.record_prompt(tok, r), "answer": r["answer"]} for r in train]
         tests = [{"prompt": swarr.record_prompt(tok, r), "answer": r["answer"]} for r in test]
-        return sft, problems, tests
-    train, test = synth.split(args.n_train, n_test, args.seed)
-    eot = train_sft.end_of_turn(tok, cfg)
-    sft = [(tok.chat(p), r + eot) for p, r in synth.sft_pairs(train, seed=args.seed)]
-    problems = [{"prompt": tok.chat(p.prompt), "answer": str(p.answer), "split": "train"} for p in train]
-    tests = [{"prompt": tok.chat(p.prompt), "answer": str(p.answer)} for p in test]
-    return sft, problems, tests
+        return sft, problems, tests, None
+    train, test, valid = synth.split(args.n_train, n_test, args.seed, n_valid=n_test)
+    held = valid if args.split == "valid" else test
+    sft = [(tok.chat(p), r + eot) for p, r in synth.sft_pairs(train, args.rate, seed=args.seed)]
+    ceiling = [(tok.chat(p), r + eot) for p, r in synth.sft_pairs(train, 1.0, seed=args.seed)]
+    problems = [{"prompt": tok.chat(p.prompt), "answer": str(p.answer)} for p in train]
+    tests = [{"prompt": tok.chat(p.prompt), "answer": str(p.answer)} for p in held]
+    return sft, problems, tests, ceiling
 
 
-# ---- the four rows -----------------------------------------------------------------------------------------
+# ---- the rows ----------------------------------------------------------------------------------------------
 def sft(model, tok, pairs, args, window, steps, seed, log):
     """train_sft.run with the demo's settings; returns the fine-tuned model (trained in place)."""
     a = train_sft.parser().parse_args(
         ["--out", "", "--max-steps", str(steps), "--batch-size", str(SFT["batch"]), "--lr", str(SFT["lr"]),
-         "--warmup", str(SFT["warmup"]), "--min-lr-ratio", "0.1", "--eval-every", "0", "--log-every", "50",
+         "--warmup", str(SFT["warmup"]), "--min-lr-ratio", "0.1", "--eval-every", "0", "--log-every", "100",
          "--seed", str(seed), "--device", args.device] + (["--window", str(window)] if window else []))
     return train_sft.run(a, model, tok, pairs, None, log=log, history=log.history)
 
 
-def rl_steps(args) -> int:
-    return args.rl_steps or (QUICK_RL if args.quick else RL)["steps"]
+def rl_settings(args) -> tuple[int, float]:
+    """(RL steps, RL learning rate) of this run."""
+    base = QUICK_RL if args.quick else RL
+    return args.rl_steps or base["steps"], args.rl_lr or base["lr"]
 
 
-def rl(model, tok, problems, tests, args, log, styles: list):
-    """train_rl.run with the demo's settings. `styles` collects the style of every training rollout."""
-    steps, lr = rl_steps(args), (QUICK_RL if args.quick else RL)["lr"]
+def budget(args) -> dict:
+    """What every control is matched to: RL's sampled completions (steps x prompts x group); the SFT controls
+    fine-tune on as many sequences, i.e. that many / batch steps."""
+    steps, _ = rl_settings(args)
+    samples = steps * RL["prompts"] * RL["group"]
+    return dict(rl_samples=samples, sequences=samples, sft_steps=samples // SFT["batch"])
+
+
+def reward(completion: str, problem: dict) -> float:
+    """The one reward of RL and of rejection sampling: 1 if the final answer is correct (swarr.grade), else 0."""
+    return train_rl.default_reward(completion, problem)
+
+
+def rl(model, tok, problems, tests, args, log, restates: list):
+    """train_rl.run with the demo's settings. `restates` gets (restated lines, lines) of each training rollout."""
+    steps, lr = rl_settings(args)
     a = train_rl.parser().parse_args(
         ["--out", "", "--steps", str(steps), "--prompts-per-step", str(RL["prompts"]), "--group-size",
          str(RL["group"]), "--temperature", str(RL["temperature"]), "--lr", str(lr), "--max-new-tokens",
-         str(args.max_new_tokens), "--micro-batch", str(RL["micro_batch"]), "--eval-every", "5" if args.quick else "10",
-         "--eval-n", str(len(tests)), "--show-every", str(steps), "--seed", str(args.seed), "--device", args.device])
+         str(args.max_new_tokens), "--micro-batch", str(RL["micro_batch"]), "--eval-every", "0",
+         "--eval-n", "0", "--show-every", str(steps), "--seed", str(args.seed), "--device", args.device])
 
-    def reward(completion, problem):  # the default reward (correctness), watching which style each rollout took
-        if problem.get("split") == "train":
-            styles.append(synth.style_of(completion))
-        return train_rl.default_reward(completion, problem)
+    def watched(completion, problem):  # the reward, noting how often each rollout restates
+        restates.append(synth.restate_counts(completion))
+        return reward(completion, problem)
 
-    return train_rl.run(a, model, tok, problems, tests, reward, log=log, history=log.history)
+    return train_rl.run(a, model, tok, problems, [], watched, log=log, history=log.history)
+
+
+def rejection_samples(model, tok, problems, args) -> tuple[list, dict]:
+    """RL's sampling without its updates: the same prompts RL sees step by step (train_rl.pick), as many samples
+    per prompt, at RL's temperature, from the model RL starts from; kept when `reward` accepts them.
+    Returns (the kept (prompt, response) pairs, counts)."""
+    steps, _ = rl_settings(args)
+    P, G = RL["prompts"], RL["group"]
+    eot = train_sft.end_of_turn(tok, model.cfg)
+    kept, drawn = [], 0
+    for step in range(steps):
+        batch = [problems[i] for i in train_rl.pick(len(problems), P, step, args.seed)]
+        for s in train_rl.rollout(model, tok, batch, G, RL["temperature"], args.max_new_tokens,
+                                  seed=args.seed * 100_003 + step):
+            drawn += 1
+            if reward(s["text"], s["problem"]) == 1 and not s["truncated"]:
+                kept.append((s["problem"]["prompt"], s["text"] + eot))
+    return kept, dict(drawn=drawn, kept=len(kept))
 
 
 class Log:
@@ -156,29 +213,54 @@ class Log:
         print(f"  {line}", flush=True)
 
 
-def measure(model, tok, tests, args, name, window):
-    """Greedy accuracy on the held-out problems, plus the mechanism: which style the model picks greedily and
-    at T = 1, and how far back its greedy traces reach (synth.lookback, in tokens)."""
+# ---- measuring a row ---------------------------------------------------------------------------------------
+def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion k/n (k may be a float count: mean x n)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n))
+
+
+def trace_stats(tok, prompts: list[str], completions: list[str]) -> dict:
+    """Per-line restatement rate and the lookback distribution (synth.lookback, tokens) of some traces."""
+    counts = [synth.restate_counts(c) for c in completions]
+    reach = sorted(synth.lookback(tok, p + c, len(p)) for p, c in zip(prompts, completions))
+    q = lambda f: reach[min(len(reach) - 1, int(f * len(reach)))]
+    return dict(restate_rate=sum(c[0] for c in counts) / max(1, sum(c[1] for c in counts)),
+                lookback=dict(p10=q(0.1), median=q(0.5), p90=q(0.9), max=reach[-1]), lookbacks=reach)
+
+
+def measure(model, tok, tests, args, name, window) -> dict:
+    """Greedy accuracy and accuracy at T = 1 (--samples per problem) on the held-out problems, each with a 95%
+    Wilson interval; for the synthetic task also the restatement rate and lookbacks of those traces."""
     greedy, rows = swarr.evaluate(model, tok, tests, max_new_tokens=args.max_new_tokens, batch_size=50,
                                   seed=args.seed, progress=False)
-    out = dict(row=name, window=window, accuracy=greedy["accuracy"], mean_length=greedy["mean_length"],
-               truncated=greedy["truncated"], n=greedy["n"])
+    k = args.samples
+    sampled, srows = swarr.evaluate(model, tok, tests, max_new_tokens=args.max_new_tokens, batch_size=50,
+                                    samples=k, temperature=1.0, seed=args.seed + 1, progress=False)
+    n, s_acc = greedy["n"], sampled.get("mean_accuracy", sampled["accuracy"])
+    out = dict(row=name, window=window, n=n, samples=k, accuracy=greedy["accuracy"],
+               ci=wilson(greedy["accuracy"] * n, n), sampled=s_acc, sampled_ci=wilson(s_acc * n * k, n * k),
+               mean_length=greedy["mean_length"], truncated=greedy["truncated"])
+    line = (f"  {name}: greedy {out['accuracy']:.3f} [{out['ci'][0]:.2f}, {out['ci'][1]:.2f}], "
+            f"T=1 {s_acc:.3f} [{out['sampled_ci'][0]:.2f}, {out['sampled_ci'][1]:.2f}] on {n} problems")
     if not args.data:
-        _, sampled = swarr.evaluate(model, tok, tests, max_new_tokens=args.max_new_tokens, batch_size=50,
-                                    temperature=1.0, seed=args.seed + 1, progress=False)
-        near = lambda rs: sum(synth.style_of(r["completion"]) == synth.NEAR for r in rs) / len(rs)
-        reach = [synth.lookback(tok, t["prompt"] + r["completion"], len(t["prompt"])) for t, r in zip(tests, rows)]
-        out.update(near_greedy=near(rows), near_t1=near(sampled), lookback_median=statistics.median(reach))
-    print(f"  {name}: greedy accuracy {out['accuracy']:.3f} on {out['n']} held-out problems"
-          + (f"; window-friendly style: greedy {out['near_greedy']:.2f}, at T=1 {out['near_t1']:.2f}; "
-             f"median lookback {out['lookback_median']:.0f} tokens" if not args.data else ""), flush=True)
+        prompts = [t["prompt"] for t in tests]
+        out["greedy_traces"] = trace_stats(tok, prompts, [r["completion"] for r in rows])
+        out["sampled_traces"] = trace_stats(tok, [prompts[i // k] for i in range(n * k)],
+                                            [r["completion"] for r in srows])
+        g, s = out["greedy_traces"], out["sampled_traces"]
+        line += (f"; lines restating: greedy {g['restate_rate']:.2f}, T=1 {s['restate_rate']:.2f}; "
+                 f"lookback median {g['lookback']['median']} (T=1 {s['lookback']['median']}) tokens")
+    print(line, flush=True)
     return out
 
 
 def speed(model, args):
     """Decode tokens/s and KV-cache bytes of this model's shape as SA and as SWA, batch 16, with caches holding
-    --context tokens of random keys/values (bench.py e2e's measurement, through swarr.decode_loop, the generation
-    path itself). A context that does not fit in memory is reported as such."""
+    --context tokens of random keys/values (bench.py e2e's measurement, through the generation path itself)."""
     out = {}
     for name, w in (("SA", None), ("SWA", args.window)):
         m = copy.deepcopy(model).eval()
@@ -187,16 +269,31 @@ def speed(model, args):
     return out
 
 
+def collapse_of(history: list) -> str | None:
+    """The RL collapse train_rl reported in this run's events, if any."""
+    return next((h["reason"] for h in history if h.get("event") == "collapse"), None)
+
+
 # ---- report ------------------------------------------------------------------------------------------------
+def recovered(rows: dict, name: str, key: str = "accuracy") -> float | None:
+    """Share of the SA+SFT - SWA+SFT gap that row `name` wins back (greedy, or key="sampled")."""
+    gap = rows[SA][key] - rows[SWA][key]
+    return (rows[name][key] - rows[SWA][key]) / gap if gap > 0 and name in rows else None
+
+
 def checks(res: dict) -> dict:
-    """The paper's finding as this project's targets for the default run state it (README.md), each True or False."""
-    acc, rows = {r["row"]: r["accuracy"] for r in res["rows"]}, {r["row"]: r for r in res["rows"]}
-    gap = acc[SA] - acc[SWA]
-    out = {"SA+SFT >= 0.85": acc[SA] >= 0.85, "gap >= 25 points": gap >= 0.25,
-           "SWARR recovers >= 60% of the gap": gap > 0 and (acc[SWARR] - acc[SWA]) / gap >= 0.6,
-           "control recovers less than SWARR": acc[CONTROL] < acc[SWARR]}
-    if "style" in res:  # measured on the held-out problems at T = 1, before (SWA + SFT) and after RL
-        out["window-friendly share rises under RL"] = rows[SWARR]["near_t1"] > rows[SWA]["near_t1"]
+    """The targets of the default run (README.md), each True or False, from the numbers of this run."""
+    rows = {r["row"]: r for r in res["rows"]}
+    rec = lambda name: recovered(rows, name)
+    out = {"SA+SFT >= 0.85": rows[SA]["accuracy"] >= 0.85,
+           "gap >= 25 points, greedy": rows[SA]["accuracy"] - rows[SWA]["accuracy"] >= 0.25,
+           "gap >= 25 points, T=1": rows[SA]["sampled"] - rows[SWA]["sampled"] >= 0.25,
+           "SWARR recovers >= 60% of the gap": (rec(SWARR) or 0) >= 0.6,
+           "more SFT recovers < 20%": rec(MORE) is not None and rec(MORE) < 0.2}
+    if "greedy_traces" in rows[SWA]:
+        out["restatement rate rises under RL"] = (rows[SWARR]["sampled_traces"]["restate_rate"]
+                                                  > rows[SWA]["sampled_traces"]["restate_rate"])
+    out["RL did not collapse"] = res.get("collapse") is None
     return out
 
 
@@ -212,64 +309,89 @@ def fmt(x, spec=".3f"):
     return "n/a" if x is None else format(x, spec)
 
 
+def row_table(rows: list, W: int) -> list[str]:
+    """The rows as a markdown table: accuracy with intervals, gap recovered, restatement and lookback."""
+    by = {r["row"]: r for r in rows}
+    lines = ["| row | greedy [95% CI] | T=1 [95% CI] | gap recovered greedy / T=1 | lines restating greedy / T=1 "
+             f"| lookback median (p90), greedy / T=1 | traces with lookback <= {W}, T=1 |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        rec = (f"{fmt(recovered(by, r['row']), '.0%')} / {fmt(recovered(by, r['row'], 'sampled'), '.0%')}"
+               if r["row"] not in (SA, SWA) and SA in by else "-")
+        if "greedy_traces" in r:
+            g, s = r["greedy_traces"], r["sampled_traces"]
+            rate = f"{g['restate_rate']:.2f} / {s['restate_rate']:.2f}"
+            lb = (f"{g['lookback']['median']} ({g['lookback']['p90']}) / "
+                  f"{s['lookback']['median']} ({s['lookback']['p90']})")
+            fit = f"{sum(x <= W for x in s['lookbacks']) / len(s['lookbacks']):.2f}"
+        else:
+            rate, lb, fit = "n/a", "n/a", "n/a"
+        lines.append(f"| {r['row']} | {r['accuracy']:.3f} [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}] | "
+                     f"{r['sampled']:.3f} [{r['sampled_ci'][0]:.2f}, {r['sampled_ci'][1]:.2f}] | {rec} | {rate} | "
+                     f"{lb} | {fit} |")
+    return lines
+
+
 def report(res: dict) -> str:
-    rows, a = {r["row"]: r for r in res["rows"]}, res["args"]
-    sa, swa, swarr_, ctrl = (rows[k]["accuracy"] for k in (SA, SWA, SWARR, CONTROL))
-    gap = sa - swa
-    rec = lambda x: (x - swa) / gap if gap > 0 else None
-    mech = "style" in res
-    lines = [f"# SWARR demo: seed {a['seed']}, window W = {a['window']}, model {os.path.relpath(a['model'])}, "
-             f"data {a['data'] or 'synthetic (data/synth.py)'}", "",
-             f"Held-out problems: {res['rows'][0]['n']}, greedy decoding, max {a['max_new_tokens']} new tokens. "
-             f"Wall time {res['wall_s']:.0f} s on {res['device']} ({torch.get_num_threads()} threads).", "",
-             "| row | accuracy | share of the gap recovered | window-friendly style: greedy | at T=1 |",
-             "|---|---|---|---|---|"]
-    for r in res["rows"]:
-        got = fmt(rec(r["accuracy"]), ".0%") if r["row"] in (SWARR, CONTROL) else "-"
-        share = f"{r['near_greedy']:.2f} | {r['near_t1']:.2f}" if mech else "n/a | n/a"
-        lines.append(f"| {r['row']} | {r['accuracy']:.3f} | {got} | {share} |")
-    s = res["speed"]
-    ck = res["checks"]
-    lines += ["", f"Gap SWA+SFT vs SA+SFT: {gap * 100:.1f} points. SWARR recovers {fmt(rec(swarr_), '.0%')} of it; "
-              f"the SFT control (as many more training sequences as RL's rollouts) recovers {fmt(rec(ctrl), '.0%')}.", ""]
-    if mech:
-        st = res["style"]
-        lines += [f"Mechanism: {st['sft_near_share']:.0%} of the SFT traces are in the window-friendly style. "
-                  f"During RL the share of rollouts in that style went {st['rl_first']:.2f} (step 1) -> "
-                  f"{st['rl_last']:.2f} (step {st['rl_steps']}). A trace can only be followed by the SWA model if "
-                  f"it reuses nothing {a['window']} or more tokens back (lookback < W).", ""]
-    lines += ["The finding, checked (the targets of the default run): " + "; ".join(
-        f"{k} {'yes' if v else 'NO'}" for k, v in ck.items()) + ".", ""]
-    ok = all(s[k]["status"] == "ok" for k in ("SA", "SWA"))
-    tps = lambda k: f"{s[k]['tok_s']:.0f}" if s[k]["status"] == "ok" else s[k]["status"]
-    ratio = f"{s['SWA']['tok_s'] / s['SA']['tok_s']:.1f}x" if ok else "n/a"
-    lines += [f"Decode at {a['context']} tokens of context, batch 16, this model's shape with random keys/values in "
-              f"the caches (bench.py e2e's measurement; speeds depend on the machine and its load):", "",
-              "| | decode tokens/s | KV-cache bytes |", "|---|---|---|",
-              f"| SA | {tps('SA')} | {s['SA']['kv_bytes']:,} |",
-              f"| SWA (W = {a['window']}) | {tps('SWA')} | {s['SWA']['kv_bytes']:,} |",
-              f"| SWA / SA | {ratio} | {s['SA']['kv_bytes'] / s['SWA']['kv_bytes']:.0f}x less |", "",
-              f"(The paper reports about {bench.PAPER_32K}x throughput over SA at 32k context for its models.)", "",
-              "![accuracy and reward over RL steps](rl_curve.svg)", ""]
+    a, W = res["args"], res["args"]["window"]
+    b, rows = res["budget"], {r["row"]: r for r in res["rows"]}
+    lines = [f"# SWARR demo: seed {a['seed']}, window W = {W}, SFT restatement rate {a['rate']:g} per line, "
+             f"evaluated on the {a['split']} split", "",
+             f"Model {os.path.relpath(a['model'])}, data {a['data'] or 'synthetic (data/synth.py)'}. "
+             f"{res['rows'][0]['n']} held-out problems; greedy and {a['samples']} samples per problem at T = 1, "
+             f"max {a['max_new_tokens']} new tokens; 95% Wilson intervals. Wall time {res['wall_s']:.0f} s on "
+             f"{res['device']} ({torch.get_num_threads()} threads).", ""]
+    lines += row_table(res["rows"], W)
+    rs = res["rejection"]
+    lines += ["", f"Budgets: RL sampled {b['rl_samples']} completions ({res['rl_steps']} steps x {RL['prompts']} "
+              f"prompts "
+              f"x {RL['group']}) and trained on all of them. Rejection sampling drew {rs['drawn']} from SWA + SFT on "
+              f"the same prompts at T = {RL['temperature']:g}, kept {rs['kept']} that the same reward accepts, and "
+              f"fine-tuned on {b['sequences']} sequences ({b['sft_steps']} steps of {SFT['batch']}); more SFT and the "
+              f"ceiling fine-tuned on as many sequences of their data.", ""]
+    if "sft_traces" in res:
+        st = res["sft_traces"]
+        lines += [f"SFT data: {st['restate_rate']:.2f} of the lines restate; lookback median "
+                  f"{st['lookback']['median']} "
+                  f"(p10 {st['lookback']['p10']}, p90 {st['lookback']['p90']}) tokens. During RL the rollouts' "
+                  f"restatement rate went {res['rl_curve']['restate_rate'][0][1]:.2f} (step 1) -> "
+                  f"{res['rl_curve']['restate_rate'][-1][1]:.2f} (step {res['rl_steps']}).", ""]
+    if res.get("collapse"):
+        lines += [f"**RL COLLAPSED: {res['collapse']}** The SWARR row is not a result of RL working.", ""]
+    lines += ["Targets: " + "; ".join(f"{k} {'yes' if v else 'NO'}" for k, v in res["checks"].items()) + ".", ""]
+    s = res.get("speed")
+    if s:
+        ok = all(s[k]["status"] == "ok" for k in ("SA", "SWA"))
+        tps = lambda k: f"{s[k]['tok_s']:.0f}" if s[k]["status"] == "ok" else s[k]["status"]
+        ratio = f"{s['SWA']['tok_s'] / s['SA']['tok_s']:.1f}x" if ok else "n/a"
+        lines += [f"Decode at {a['context']} tokens of context, batch 16, this model's shape with random keys/values "
+                  f"in the caches (bench.py e2e's measurement; speeds depend on the machine and its load):", "",
+                  "| | decode tokens/s | KV-cache bytes |", "|---|---|---|",
+                  f"| SA | {tps('SA')} | {s['SA']['kv_bytes']:,} |",
+                  f"| SWA (W = {W}) | {tps('SWA')} | {s['SWA']['kv_bytes']:,} |",
+                  f"| SWA / SA | {ratio} | {s['SA']['kv_bytes'] / s['SWA']['kv_bytes']:.0f}x less |", "",
+                  f"(The paper reports about {bench.PAPER_32K}x throughput over SA at 32k context for its models.)", ""]
+    lines += ["![reward, restatement rate and accuracy over RL steps](rl_curve.svg)", ""]
     return "\n".join(lines)
 
 
-def svg_curve(curve: dict, hlines: dict, path: str, title: str, W: int = 640, H: int = 360):
-    """A line chart in plain SVG (no plotting library): curve = {label: [(step, value 0..1)]}, hlines = {label: y}."""
-    steps = [x for pts in curve.values() for x, _ in pts] or [1]
-    x0, x1, L, R, T, B = 0, max(steps), 60, 200, 30, 40
-    px = lambda x: L + (W - L - R) * x / max(1, x1 - x0)
+def svg_curve(curve: dict, hlines: dict, path: str, title: str, xlabel: str = "RL step", xticks=None,
+              W: int = 640, H: int = 360):
+    """A line chart in plain SVG (no plotting library): curve = {label: [(x, value 0..1)]}, hlines = {label: y}."""
+    xs = [x for pts in curve.values() for x, _ in pts] or [1]
+    x0, x1, L, R, T, B = min(0, min(xs)) if xticks is None else min(xs), max(xs), 60, 230, 30, 40
+    px = lambda x: L + (W - L - R) * (x - x0) / max(1, x1 - x0)
     py = lambda y: T + (H - T - B) * (1 - y)
-    colors = ["#1f77b4", "#2ca02c", "#d62728", "#7f7f7f", "#9467bd"]
+    colors = ["#1f77b4", "#2ca02c", "#d62728", "#7f7f7f", "#9467bd", "#ff7f0e", "#8c564b"]
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
            f'<rect width="{W}" height="{H}" fill="white"/>',
-           f'<text x="{L}" y="18" font-size="14">{title}</text>']
+           f'<text x="{L}" y="18" font-size="13">{title}</text>']
     for y in (0, 0.25, 0.5, 0.75, 1.0):
         out.append(f'<line x1="{L}" y1="{py(y):.1f}" x2="{W - R}" y2="{py(y):.1f}" stroke="#ddd"/>'
                    f'<text x="{L - 8}" y="{py(y) + 4:.1f}" text-anchor="end">{y:g}</text>')
-    for x in sorted({0, x1 // 2, x1}):
+    for x in (xticks if xticks is not None else sorted({x0, (x0 + x1) // 2, x1})):
         out.append(f'<text x="{px(x):.1f}" y="{H - B + 16}" text-anchor="middle">{x}</text>')
-    out.append(f'<text x="{(L + W - R) / 2:.0f}" y="{H - 8}" text-anchor="middle">RL step</text>')
+    out.append(f'<text x="{(L + W - R) / 2:.0f}" y="{H - 8}" text-anchor="middle">{xlabel}</text>')
     key = 0
     for i, (label, pts) in enumerate(curve.items()):
         c = colors[i % len(colors)]
@@ -280,7 +402,8 @@ def svg_curve(curve: dict, hlines: dict, path: str, title: str, W: int = 640, H:
         key += 1
     for j, (label, y) in enumerate(hlines.items()):
         c = colors[(len(curve) + j) % len(colors)]
-        out.append(f'<line x1="{L}" y1="{py(y):.1f}" x2="{W - R}" y2="{py(y):.1f}" stroke="{c}" stroke-dasharray="5,4"/>')
+        out.append(f'<line x1="{L}" y1="{py(y):.1f}" x2="{W - R}" y2="{py(y):.1f}" stroke="{c}" '
+                   f'stroke-dasharray="5,4"/>')
         out.append(f'<text x="{W - R + 10}" y="{T + 16 * key + 4}" fill="{c}">{label}</text>')
         key += 1
     out.append("</svg>")
@@ -288,81 +411,180 @@ def svg_curve(curve: dict, hlines: dict, path: str, title: str, W: int = 640, H:
 
 
 # ---- the run -----------------------------------------------------------------------------------------------
-def run(args) -> dict:
-    swarr.check_window(args.window)
+def check_args(args) -> list[int]:
+    """Everything a command line cannot mean, before anything trains; returns the windows to run."""
+    try:
+        windows = [int(w) for w in args.windows.split(",")] if args.sweep else [args.window]
+    except ValueError:
+        raise swarr.SwarrError(f"--windows {args.windows!r}: expected comma-separated integers") from None
+    for w in windows:
+        swarr.check_window(w)
     for flag, v in (("--sft-steps", args.sft_steps), ("--rl-steps", args.rl_steps), ("--n-train", args.n_train),
-                    ("--n-test", args.n_test), ("--max-new-tokens", args.max_new_tokens), ("--context", args.context)):
+                    ("--n-test", args.n_test), ("--samples", args.samples), ("--max-new-tokens", args.max_new_tokens),
+                    ("--context", args.context)):
         if v is not None and v < 1:
             raise swarr.SwarrError(f"{flag} must be at least 1, got {v}")
+    if not 0 <= args.rate <= 1:
+        raise swarr.SwarrError(f"--rate must be between 0 and 1, got {args.rate}")
+    if args.rl_lr is not None and not args.rl_lr > 0:
+        raise swarr.SwarrError(f"--rl-lr must be positive, got {args.rl_lr}")
     if args.data and not os.path.isfile(args.data):
         raise swarr.SwarrError(f"{args.data}: data file not found")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise swarr.SwarrError(f"--out {args.out}: exists and is not a folder")
     bench.check_device(args.device)
+    return windows
+
+
+def window_rows(swa_base, tok, data, args, window, log, stages, save_to=None) -> dict:
+    """Rows 2-6 at one window: SWA + SFT, SWARR, more SFT, rejection sampling, ceiling. Returns their
+    measurements and the run's RL curve, budgets and collapse report."""
+    pairs, problems, tests, ceiling = data
+    b, results, restates = budget(args), [], []
+
+    def stage(name, make):
+        stages.start(f"{name} (W = {window})")
+        model = make()
+        results.append(measure(model, tok, tests, args, name, window))
+        if save_to:
+            swarr.save(model, tok, os.path.join(save_to, FOLDERS[name]))  # atomic; `swarr.py eval` reads it
+        stages.end()
+        return model
+
+    swa = stage(SWA, lambda: sft(copy.deepcopy(swa_base), tok, pairs, args, window, args.sft_steps, args.seed, log))
+    first = len(log.history)
+    stage(SWARR, lambda: rl(copy.deepcopy(swa), tok, problems, tests, args, log, restates))
+    rl_events = log.history[first:]
+    stage(MORE, lambda: sft(copy.deepcopy(swa), tok, pairs, args, window, b["sft_steps"], args.seed + 1, log))
+    rs = {}
+
+    def rejection():
+        kept, counts = rejection_samples(swa, tok, problems, args)
+        rs.update(counts)
+        print(f"  rejection sampling: {counts['kept']} of {counts['drawn']} samples accepted by the reward", flush=True)
+        if not kept:  # nothing to learn from: the row is SWA + SFT itself
+            return copy.deepcopy(swa)
+        return sft(copy.deepcopy(swa), tok, kept, args, window, b["sft_steps"], args.seed + 1, log)
+
+    stage(REJECT, rejection)
+    if ceiling:
+        stage(CEIL, lambda: sft(copy.deepcopy(swa), tok, ceiling, args, window, b["sft_steps"], args.seed + 1, log))
+    per = RL["prompts"] * RL["group"]
+    steps = [restates[i:i + per] for i in range(0, len(restates), per)]
+    train_ev = [h for h in rl_events if h.get("event") == "train" and "reward" in h]
+    curve = dict(reward=[(h["step"], h["reward"]) for h in train_ev])
+    if steps and ceiling:
+        curve["restate_rate"] = [(i + 1, sum(c[0] for c in s) / max(1, sum(c[1] for c in s)))
+                                 for i, s in enumerate(steps)]
+    return dict(rows=results, rl_curve=curve, rejection=rs, collapse=collapse_of(rl_events))
+
+
+def run(args) -> dict:
+    windows = check_args(args)
     torch.manual_seed(args.seed)
     t0 = time.time()
-    rl_cost = 20 if args.quick else 33
-    stages = Stages({"load": 0, SA: 24, SWA: 24, SWARR: rl_cost, CONTROL: 12, "decode speed": 10})
+    rl_cost = 45 if args.quick else 80
+    per_window = [(SWA, 30), (SWARR, rl_cost), (MORE, 15), (REJECT, rl_cost // 2 + 15), (CEIL, 15)]
+    stages = Stages([("load", 0), (SA, 30)] + per_window * len(windows)
+                    + ([] if args.sweep else [("decode speed", 10)]))
     stages.start("load")
     base, tok = swarr.load(args.model, torch.float32, args.device)
-    if args.window > base.cfg.max_pos:  # checked now, not after the first stage has trained
-        raise swarr.SwarrError(f"--window {args.window} is larger than the model's context ({base.cfg.max_pos})")
+    if max(windows) > base.cfg.max_pos:  # checked now, not after the first stage has trained
+        raise swarr.SwarrError(f"--window {max(windows)} is larger than the model's context ({base.cfg.max_pos})")
     print(f"  {args.model}: {base.cfg.arch}, {sum(p.numel() for p in base.parameters()) / 1e6:.2f}M parameters, "
           f"attention backend {swarr.backend_name()}")
-    pairs, problems, tests = task(args, tok, base.cfg)
-    print(f"  {len(pairs)} SFT pairs / RL prompts, {len(tests)} held-out problems")
+    data = task(args, tok, base.cfg)
+    pairs, problems, tests, ceiling = data
+    print(f"  {len(pairs)} SFT pairs / RL prompts, {len(tests)} held-out problems ({args.split} split)")
     if os.path.isdir(args.out) and os.listdir(args.out):
         print(f"  note: {args.out}/ exists; this run replaces what is in it")
     os.makedirs(args.out, exist_ok=True)
     write(os.path.join(args.out, "test.jsonl"), "".join(json.dumps(t) + "\n" for t in tests))  # prompts as seen
-    stages.end("load")
-    log, results, styles = Log(), [], []
+    stages.end()
+    log = Log()
+    res = dict(args=vars(args), device=args.device, rl_steps=rl_settings(args)[0], budget=budget(args))
+    if ceiling:
+        res["sft_traces"] = trace_stats(tok, [p for p, _ in pairs[:400]], [r for _, r in pairs[:400]])
+        res["sft_traces"].pop("lookbacks")
+    models = None if args.sweep else os.path.join(args.out, "models")
 
-    def stage(name, make, window):
-        stages.start(name)
-        model = make()
-        results.append(measure(model, tok, tests, args, name, window))
-        swarr.save(model, tok, os.path.join(args.out, "models", FOLDERS[name]))  # atomic; `swarr.py eval` reads it
-        stages.end(name)
-        return model
+    stages.start(SA)
+    sa = sft(copy.deepcopy(base), tok, pairs, args, None, args.sft_steps, args.seed, log)
+    sa_row = measure(sa, tok, tests, args, SA, None)
+    if models:
+        swarr.save(sa, tok, os.path.join(models, FOLDERS[SA]))
+    stages.end()
+    del sa
 
-    stage(SA, lambda: sft(copy.deepcopy(base), tok, pairs, args, None, args.sft_steps, args.seed, log), None)
-    swa = stage(SWA, lambda: sft(copy.deepcopy(base), tok, pairs, args, args.window, args.sft_steps,
-                                         args.seed, log), args.window)
-    stage(SWARR, lambda: rl(copy.deepcopy(swa), tok, problems, tests, args, log, styles), args.window)
-    # The control: as many more SFT sequences as RL trained on (steps x prompts x group).
-    extra = rl_steps(args) * RL["prompts"] * RL["group"] // SFT["batch"]
-    stage(CONTROL,
-          lambda: sft(copy.deepcopy(swa), tok, pairs, args, args.window, extra, args.seed + 1, log), args.window)
+    per = {}
+    for w in windows:
+        per[w] = window_rows(base, tok, data, args, w, log, stages, models)
+        write(os.path.join(args.out, "log.jsonl"), "".join(json.dumps(h) + "\n" for h in log.history))
+        if args.sweep:  # the table and figure so far, rewritten after each window
+            r = dict(per[w], rows=[sa_row] + per[w]["rows"])
+            res.setdefault("windows", {})[w] = dict(r, checks=checks(r))
+            res.update(sa=sa_row, wall_s=time.time() - t0)
+            write(os.path.join(args.out, "results.json"), json.dumps(res, indent=2))
+            sweep_svg(res, os.path.join(args.out, "sweep.svg"))
+            write(os.path.join(args.out, "report.md"), sweep_report(res))
+    if args.sweep:
+        print("\n" + sweep_report(res))
+        print(f"wrote {args.out}/: report.md, results.json, sweep.svg, log.jsonl, test.jsonl")
+        return res
+
+    one = per[args.window]
+    res.update(rows=[sa_row] + one["rows"], rl_curve=one["rl_curve"], rejection=one["rejection"],
+               collapse=one["collapse"])
     stages.start("decode speed")
-    spd = speed(base, args)
-    stages.end("decode speed")
-
-    per = RL["prompts"] * RL["group"]
-    train_ev = [h for h in log.history if h.get("event") == "train" and "reward" in h]
-    evals = [h for h in log.history if h.get("event") == "eval" and "greedy_accuracy" in h]
-    res = dict(args=vars(args), device=args.device, rows=results, speed=spd, rl_steps=rl_steps(args), control_steps=extra,
-               rl_curve=dict(reward=[(h["step"], h["reward"]) for h in train_ev],
-                             greedy_accuracy=[(h["step"], h["greedy_accuracy"]) for h in evals]),
-               wall_s=time.time() - t0)
-    if not args.data:
-        share = [sum(s == synth.NEAR for s in styles[i:i + per]) / per for i in range(0, len(styles), per)]
-        res["rl_curve"]["window_friendly_share"] = [(i + 1, x) for i, x in enumerate(share)]
-        res["style"] = dict(sft_near_share=synth.NEAR_SHARE, rl_first=share[0], rl_last=share[-1], rl_steps=len(share))
+    res["speed"] = speed(base, args)
+    stages.end()
+    res["wall_s"] = time.time() - t0
     res["checks"] = checks(res)
     write(os.path.join(args.out, "results.json"), json.dumps(res, indent=2))
-    write(os.path.join(args.out, "log.jsonl"), "".join(json.dumps(h) + "\n" for h in log.history))
-    curve = {"reward (T=1 rollouts)": res["rl_curve"]["reward"],
-             "held-out accuracy (greedy)": res["rl_curve"]["greedy_accuracy"]}
-    if "window_friendly_share" in res["rl_curve"]:
-        curve["window-friendly share"] = res["rl_curve"]["window_friendly_share"]
-    svg_curve(curve, {"SA + SFT accuracy": results[0]["accuracy"], "control accuracy": results[3]["accuracy"]},
-              os.path.join(args.out, "rl_curve.svg"), f"SWARR: RL on the SWA + SFT model (W = {args.window})")
+    curve = {"reward (T=1 rollouts)": res["rl_curve"]["reward"]}
+    if "restate_rate" in res["rl_curve"]:
+        curve["lines restating (rollouts)"] = res["rl_curve"]["restate_rate"]
+    rows = {r["row"]: r for r in res["rows"]}
+    svg_curve(curve, {f"{k} greedy": rows[k]["accuracy"] for k in (SA, SWARR, MORE, REJECT) if k in rows},
+              os.path.join(args.out, "rl_curve.svg"), f"SWARR: RL on SWA + SFT (W = {args.window}, seed {args.seed}; "
+              f"python demo.py)")
     text = report(res)
     write(os.path.join(args.out, "report.md"), text)
     print("\n" + text)
     print(f"wrote {args.out}/: report.md, results.json, rl_curve.svg, log.jsonl, test.jsonl, models/")
     return res
+
+
+# ---- the window sweep --------------------------------------------------------------------------------------
+def sweep_report(res: dict) -> str:
+    a = res["args"]
+    lines = [f"# SWARR demo, window sweep: seed {a['seed']}, SFT restatement rate {a['rate']:g} per line, "
+             f"{a['split']} split", "",
+             f"{res['sa']['n']} held-out problems; greedy / T = 1 ({a['samples']} samples per problem). "
+             f"Wall time {res['wall_s']:.0f} s on {res['device']} ({torch.get_num_threads()} threads).", "",
+             "| W | SA + SFT | SWA + SFT | SWARR | more SFT | rejection sampling | ceiling | SWARR recovers | "
+             "RL collapsed |", "|---|---|---|---|---|---|---|---|---|"]
+    for w, r in res["windows"].items():
+        by = {x["row"]: x for x in r["rows"]}
+        cell = lambda k: f"{by[k]['accuracy']:.2f} / {by[k]['sampled']:.2f}" if k in by else "n/a"
+        lines.append(f"| {w} | {cell(SA)} | {cell(SWA)} | {cell(SWARR)} | {cell(MORE)} | {cell(REJECT)} | "
+                     f"{cell(CEIL)} | {fmt(recovered(by, SWARR), '.0%')} | {'YES' if r['collapse'] else 'no'} |")
+    lines += ["", "![accuracy against the window](sweep.svg)", ""]
+    for w, r in res["windows"].items():
+        lines += [f"## W = {w}", ""] + row_table(r["rows"], int(w)) + [""]
+    return "\n".join(lines)
+
+
+def sweep_svg(res: dict, path: str):
+    """Greedy accuracy of every row against W."""
+    ws = sorted(int(w) for w in res["windows"])
+    get = lambda k: [(w, next(x["accuracy"] for x in res["windows"][w]["rows"] if x["row"] == k)) for w in ws
+                     if any(x["row"] == k for x in res["windows"][w]["rows"])]
+    curve = {k: get(k) for k in (CEIL, SWARR, REJECT, MORE, SWA)}
+    a = res["args"]
+    svg_curve({k: v for k, v in curve.items() if v}, {"SA + SFT": res["sa"]["accuracy"]}, path,
+              f"greedy accuracy vs window W (seed {a['seed']}; python demo.py --sweep)", xlabel="window W (keys)",
+              xticks=ws)
 
 
 def main(argv=None):

@@ -112,6 +112,20 @@ def advantages(rewards: torch.Tensor, std_norm: bool) -> torch.Tensor:
     return adv / (rewards.std(1, keepdim=True) + 1e-6) if std_norm else adv
 
 
+def collapse(rewards: list[float], zero_var: list[float], patience: int = 5) -> str | None:
+    """Why this run has stopped learning, or None. `rewards` and `zero_var` are the mean reward and the share of
+    zero-variance groups of every step so far. Collapsed: the reward fell to 0 for `patience` steps after having
+    been positive, or every group had equal rewards (so no gradient) for `patience` steps while the reward was
+    below 1. Example: rewards [0.2, 0.3, 0, 0, 0, 0, 0] -> "reward 0 for the last 5 steps after 0.300 at step 2"."""
+    last = rewards[-patience:]
+    if len(rewards) > patience and max(last) == 0 and max(rewards) > 0:
+        best = max(range(len(rewards)), key=rewards.__getitem__)
+        return f"reward 0 for the last {patience} steps after {rewards[best]:.3f} at step {best + 1}"
+    if len(rewards) >= patience and min(zero_var[-patience:]) == 1 and max(last) < 1:
+        return f"every group had equal rewards (no gradient) for the last {patience} steps, reward {last[-1]:.3f}"
+    return None
+
+
 # ---- 4. the loss ------------------------------------------------------------------------------------------
 def completion_logprobs(model, samples: list[dict], temperature: float = 1.0) -> torch.Tensor:
     """log pi(token) at each completion token, pi = softmax(logits / temperature): the distribution the sampler
@@ -197,7 +211,7 @@ def run(args, model=None, tok=None, problems=None, held_out=None, reward_fn=None
 
     if start == 0 and args.eval_every:
         evaluate(0, None)
-    t_start, sampled_acc = time.time(), None
+    t_start, sampled_acc, seen, dead = time.time(), None, dict(reward=[], zero_var=[]), None
     for step in range(start, args.steps):
         # 1. rollouts: fresh samples from the current policy. Under torchrun process r takes prompts r*Pr .. r*Pr+Pr-1
         # (so each group's baseline stays on one process); each prompt's seed is a function of (seed, step, j).
@@ -256,6 +270,11 @@ def run(args, model=None, tok=None, problems=None, held_out=None, reward_fn=None
                 with open(os.path.join(args.out, "samples.jsonl"), "a") as f:
                     f.writelines(json.dumps(s) + "\n" for s in shown)
         sampled_acc = m["accuracy"]
+        seen["reward"].append(m["reward"])
+        seen["zero_var"].append(m["zero_var"])
+        if dead is None and (dead := collapse(seen["reward"], seen["zero_var"])):  # said once, loudly, and kept
+            rec(f"RL COLLAPSED at step {done}: {dead}. Training goes on, but the result is not RL working.",
+                event="collapse", step=done, reason=dead)
         if args.eval_every and done % args.eval_every == 0 and done < args.steps:
             evaluate(done, sampled_acc)
         training.save_if_due(args, model, tok, optimizer, done, args.steps, rec)

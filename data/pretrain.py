@@ -3,19 +3,20 @@
     python data/pretrain.py          # ~7 min on 2 CPU cores (437 s here, 2500 steps); writes data/tiny-sa/
     python data/pretrain.py --device cuda --out /tmp/tiny-sa      # the same recipe on a GPU
 
-1. writes a tokenizer.json: byte-level BPE whose merges only join a few words of the task ("direct", " left",
+1. writes a tokenizer.json: byte-level BPE whose merges only join a few words of the task (" so", " left",
    "assistant", ...), so digits and symbols stay one token each, plus <|endoftext|>, <|im_start|>, <|im_end|>;
 2. builds a Qwen2ForCausalLM config (4 layers, hidden 128, 4 query heads, 2 KV heads, tied embeddings; about
    0.8M parameters) with swarr.Config / swarr.Transformer, all layers full attention;
 3. trains it with train_sft.run (--loss-on all: plain language modelling) on data.synth.corpus(): problems
-   followed by a solution in either style, half and half, WITHOUT the chat format -- so the model can do the
-   arithmetic and follow both styles, and it is SFT that teaches it to answer a ChatML question. The documents
+   followed by a solution whose lines restate what is left half the time (synth.CORPUS_RATE), WITHOUT the chat
+   format -- so the model can do the arithmetic and the copying either way, and it is SFT that teaches it to
+   answer a ChatML question. The documents
    form one <|endoftext|>-separated token stream cut into 512-token texts wherever the cut falls, as LM
    pretraining usually does (texts of whole documents batched by length train far worse: train_sft batches
-   similar lengths together, which makes every batch one problem size and one style);
+   similar lengths together, which makes every batch one problem size);
 4. writes data/tiny-sa/ with swarr.save: config.json, model.safetensors (float32, 3.3 MB), tokenizer.json,
-   pretrain.json (the arguments and the wall time), and prints the greedy accuracy of the result on held-out
-   problems given as plain text "<|endoftext|><problem>\n<marker>" (shipped model: 0.99 in both styles).
+   pretrain.json (the arguments and the wall time), and prints the accuracy of the result on held-out
+   problems given as plain text "<|endoftext|><problem>\n" (greedy; sampled at T = 1, with its restatement rate).
 """
 from __future__ import annotations
 
@@ -112,12 +113,15 @@ def pack(tok: swarr.Tokenizer, docs: list[str], length: int) -> list[tuple[str, 
 
 
 def plain_accuracy(model, tok, probs) -> dict:
-    """Greedy accuracy of the pretrained (not chat-tuned) model when the text "<problem>\n<marker>" is given."""
-    out = {}
-    for style, marker in synth.MARKERS.items():
-        recs = [{"prompt": f"<|endoftext|>{p.prompt}\n{marker}", "answer": str(p.answer)} for p in probs]
-        out[style] = swarr.evaluate(model, tok, recs, max_new_tokens=240, batch_size=100, progress=False)[0]["accuracy"]
-    return out
+    """Accuracy of the pretrained (not chat-tuned) model continuing the plain text "<problem>\n": greedy, and the
+    mean over 4 samples at T = 1 with the share of their lines that restate (the corpus has half)."""
+    recs = [{"prompt": f"<|endoftext|>{p.prompt}\n", "answer": str(p.answer)} for p in probs]
+    greedy = swarr.evaluate(model, tok, recs, max_new_tokens=240, batch_size=100, chat=False, progress=False)[0]
+    sampled, rows = swarr.evaluate(model, tok, recs, max_new_tokens=240, batch_size=100, chat=False, samples=4,
+                                   temperature=1.0, progress=False)
+    counts = [synth.restate_counts(r["completion"]) for r in rows]
+    return {"greedy": greedy["accuracy"], "sampled": sampled["mean_accuracy"],
+            "restate_rate": sum(c[0] for c in counts) / max(1, sum(c[1] for c in counts))}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -162,8 +166,7 @@ def main(argv=None, log=print) -> str:
         elapsed = time.time() - t0
         if a.eval:
             acc = plain_accuracy(model, tok, synth.problems(a.eval, seed=synth.TEST_SEED))
-            log("accuracy on held-out problems, plain text, style given: "
-                + ", ".join(f"{k} {v:.2f}" for k, v in acc.items()))
+            log("held-out problems, plain text: " + ", ".join(f"{k} {v:.2f}" for k, v in acc.items()))
         info = {"command": "python data/pretrain.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                 "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "docs": a.docs, "seed": a.seed,
                 "parameters": n_params, "wall_s": round(elapsed), "threads": torch.get_num_threads()}

@@ -1,34 +1,34 @@
-"""The embedded default task: sums of products, solvable in two natural trace styles.
+"""The embedded default task: sums of products, where every line of a solution may or may not restate what is left.
 
 A problem is a short sum of single-digit products, e.g. "3*4+5*2+6*7+2*9" (answer 82). A solution works
-through the terms one line at a time, keeping a running total, and ends in \\boxed{N}. It comes in two styles
-that do the same arithmetic in the same order and differ only in where the next term is read from:
+through the terms one line at a time, keeping a running total, and ends in \\boxed{N}. Each line except the last
+may end by restating the terms still to come (", left ..."), or not:
 
-    direct: (the "far" style)                  step by step: (the "near" style)
-    3*4=12                                     3*4=12, left 5*2+6*7+2*9
-    5*2=10 so 12+10=22                         5*2=10 so 12+10=22, left 6*7+2*9
-    6*7=42 so 22+42=64                         6*7=42 so 22+42=64, left 2*9
-    2*9=18 so 64+18=82                         2*9=18 so 64+18=82
-    \\boxed{82}                                 \\boxed{82}
+    3*4=12, left 5*2+6*7+2*9          <- restated: the next line reads 5*2 from here
+    5*2=10 so 12+10=22                <- not restated: the next line must find 6*7 further back
+    6*7=42 so 22+42=64, left 2*9
+    2*9=18 so 64+18=82
+    \\boxed{82}
 
-"direct" reads every term from the question itself, ever further back as the trace grows: natural for a
-model that can attend to everything. "step by step" restates the terms still left at the end of each line,
-so everything a line needs (its term, the previous total, the rest of the list) is in the line before it.
-Nothing here knows about attention windows; `lookback` only measures, after the fact, how far back a
-trace reuses values, which is what decides whether a sliding-window model can follow it.
+Every choice gives the same arithmetic in the same order and the same answer; what the choices decide is where
+the next term is read from: the latest restatement, or, when there is none, the question itself, ever further
+back as the trace grows. There is no word that names a style: the choice is made again at every line.
 
-Training traces are "written for full attention": mostly direct, a minority (`near_share`, default 0.2)
-step by step. The first word of the answer names the style, so a model that imitates the data picks
-"step by step" about near_share of the time. Problems come from a seeded generator; train and test sets
-use disjoint seeds and `split` keeps test problems out of training sets.
+Training traces are "written for full attention": each line restates independently with probability
+RESTATE_RATE (0.25), so most lines do not. A trace whose lines restate often enough, at the right places, reuses
+only values a few lines back; one that rarely restates reaches back to the question. Nothing here knows about
+attention windows: `lookback` only measures, after the fact, how far back a trace reuses values, which is what
+decides whether a sliding-window model can follow it.
 
     >>> p = make_problem(random.Random(0))
-    >>> p.prompt, p.answer, style_of(solve(p, "near"))
-    ('7*1+5*9+8*7+5*8+6*4', 172, 'near')
+    >>> p.prompt, p.answer
+    ('7*1+5*9+8*7+5*8+6*4', 172)
+    >>> restated(solve(p, [True, False, False, True]))
+    [True, False, False, True]
 
 How far back the traces reach, in tokens of the shipped tokenizer (chat-wrapped prompt; `lookback`):
-    4 terms: direct 46-55, step by step 29-30      5 terms: direct 61-74, step by step 33-34
-so any window W with 35 <= W <= 46 separates them (the demo uses W = 40).
+restating at every line 24-28 (4 terms), 28-32 (5 terms); restating nowhere 43-52 and 58-71; the other patterns
+lie in between (tests/test_data.py, README.md).
 """
 from __future__ import annotations
 
@@ -36,11 +36,11 @@ import random
 import re
 from dataclasses import dataclass
 
-FAR, NEAR = "far", "near"
-MARKERS = {FAR: "direct:", NEAR: "step by step:"}   # the first words of an answer name its style
-NEAR_SHARE = 0.2       # share of "step by step" traces in the SFT data (traces written for full attention)
-TERMS = (4, 5)         # a problem has 4 or 5 products
+RESTATE_RATE = 0.25    # per line, in the SFT data (traces written for full attention)
+CORPUS_RATE = 0.5      # per line, in the pretraining text (the base model knows both kinds of line equally)
+TERMS = (4, 5)         # a problem has 4 or 5 products (the pretraining text has no longer ones)
 FACTORS = (1, 9)       # single-digit factors
+LEFT = ", left "       # how a line restates the terms still to come
 
 
 @dataclass(frozen=True)
@@ -67,26 +67,39 @@ def make_problem(rng: random.Random, terms=TERMS, factors=FACTORS) -> Problem:
     return Problem(tuple(out))
 
 
-def solve(p: Problem, style: str) -> str:
-    """The worked solution of problem p in style FAR ("direct") or NEAR ("step by step")."""
-    if style not in MARKERS:
-        raise ValueError(f"style must be {FAR!r} or {NEAR!r}, got {style!r}")
-    lines, total = [MARKERS[style]], 0
+def solve(p: Problem, restate) -> str:
+    """The worked solution of problem p. restate[i] says whether line i (0-based) restates the terms after it;
+    it has one entry per line that has terms after it (len(p.terms) - 1 entries)."""
+    restate = list(restate)
+    if len(restate) != len(p.terms) - 1:
+        raise ValueError(f"restate needs {len(p.terms) - 1} entries (one per line but the last), got {len(restate)}")
+    lines, total = [], 0
     for i, (a, b) in enumerate(p.terms):
         line = f"{a}*{b}={a * b}" if i == 0 else f"{a}*{b}={a * b} so {total}+{a * b}={total + a * b}"
         total += a * b
-        rest = p.terms[i + 1:]
-        if style == NEAR and rest:
-            line += ", left " + "+".join(f"{x}*{y}" for x, y in rest)
+        if i < len(restate) and restate[i]:
+            line += LEFT + "+".join(f"{x}*{y}" for x, y in p.terms[i + 1:])
         lines.append(line)
     lines.append(f"\\boxed{{{total}}}")
     return "\n".join(lines)
 
 
-def style_of(completion: str) -> str | None:
-    """FAR, NEAR, or None, from the marker that opens the completion."""
-    s = completion.lstrip()
-    return next((st for st, m in MARKERS.items() if s.startswith(m)), None)
+def sample_solution(p: Problem, rate: float, rng: random.Random) -> str:
+    """A solution whose lines restate independently, each with probability `rate`."""
+    return solve(p, [rng.random() < rate for _ in p.terms[1:]])
+
+
+def restated(completion: str) -> list[bool]:
+    """For each line of a completion that works a term and is not the last such line: does it restate?
+    (Measured on any text, the model's included; lines that are not of the form 'a*b=...' are skipped.)"""
+    work = [ln for ln in completion.split("\n") if re.match(r"\s*\d\*\d=", ln)]
+    return [LEFT.strip() in ln for ln in work[:-1]]
+
+
+def restate_counts(completion: str) -> tuple[int, int]:
+    """(lines that restate, lines that could), over the completion's working lines but the last."""
+    r = restated(completion)
+    return sum(r), len(r)
 
 
 def problems(n: int, seed: int, exclude=(), **kw) -> list[Problem]:
@@ -100,26 +113,30 @@ def problems(n: int, seed: int, exclude=(), **kw) -> list[Problem]:
     return out
 
 
-TEST_SEED = 1_000_003  # the held-out problems come from this seed; training sets exclude them
+TEST_SEED = 1_000_003   # the held-out test problems come from this seed; training sets exclude them
+VALID_SEED = 2_000_003  # the validation problems (for choosing settings), disjoint from test and training
 
 
-def split(n_train: int, n_test: int, seed: int = 0, **kw) -> tuple[list[Problem], list[Problem]]:
-    """Training problems (from `seed`) and held-out test problems (from TEST_SEED), disjoint."""
+def split(n_train: int, n_test: int, seed: int = 0, n_valid: int = 0, **kw):
+    """(train, test) -- or (train, test, valid) when n_valid > 0: training problems from `seed`, held-out test
+    problems from TEST_SEED, validation problems from VALID_SEED; the three sets are pairwise disjoint."""
     test = problems(n_test, TEST_SEED, **kw)
-    return problems(n_train, seed, exclude=test, **kw), test
+    valid = problems(n_valid, VALID_SEED, exclude=test, **kw) if n_valid else []
+    train = problems(n_train, seed, exclude=test + valid, **kw)
+    return (train, test, valid) if n_valid else (train, test)
 
 
-def sft_pairs(probs: list[Problem], near_share: float = NEAR_SHARE, seed: int = 0) -> list[tuple[str, str]]:
-    """(prompt, response) pairs: each problem solved in the near style with probability near_share."""
+def sft_pairs(probs: list[Problem], rate: float = RESTATE_RATE, seed: int = 0) -> list[tuple[str, str]]:
+    """(prompt, response) pairs; each line of each response restates with probability `rate`, independently."""
     rng = random.Random(seed)
-    return [(p.prompt, solve(p, NEAR if rng.random() < near_share else FAR)) for p in probs]
+    return [(p.prompt, sample_solution(p, rate, rng)) for p in probs]
 
 
-def corpus(n: int, seed: int) -> list[str]:
-    """Pretraining text: plain (unwrapped) problems with solutions of both styles in equal parts, so the base
-    model can do the arithmetic and copying but has never seen the chat format the SFT data uses."""
+def corpus(n: int, seed: int, rate: float = CORPUS_RATE) -> list[str]:
+    """Pretraining text: plain (unwrapped) problems with solutions whose lines restate half the time, so the
+    base model can do the arithmetic and the copying but has never seen the chat format the SFT data uses."""
     rng = random.Random(seed)
-    return [f"{p.prompt}\n{solve(p, rng.choice([FAR, NEAR]))}" for p in problems(n, seed)]
+    return [f"{p.prompt}\n{sample_solution(p, rate, rng)}" for p in problems(n, seed)]
 
 
 # ---- measuring a trace (for tables; the generator above never uses these) --------------------------------
@@ -130,8 +147,10 @@ SUM = re.compile(r"(\d+)\+(\d+)=")
 def lookback(tok, text: str, start: int = 0) -> int:
     """How far back, in tokens, the part of `text` from character `start` on reuses values: for each term
     a*b, and each operand of a sum x+y=, the token distance to the nearest earlier occurrence of the same
-    string. Returns the largest distance (0 if nothing is reused). A sliding-window model with window W can
-    only copy what is fewer than W tokens back, so a trace with lookback >= W needs something it cannot see.
+    string. Returns the largest distance (0 if nothing is reused). A copied token at position i is emitted by the
+    query at position i-1, which sees keys i-W .. i-1 under a window of W keys; so one windowed layer can copy
+    from d <= W tokens back. Stacked windowed layers can relay information further (up to layers x (W-1)), so
+    lookback > W makes a trace hard for a sliding-window model, not impossible.
     `tok` is a swarr.Tokenizer; `text` is prompt + completion (chat wrapped or not)."""
     ids = tok.encode(text)
     ends, pos = [], 0  # char offset where each token ends

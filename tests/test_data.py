@@ -40,48 +40,88 @@ def test_problem_shape():
         assert p.answer == sum(a * b for a, b in p.terms)
 
 
-@pytest.mark.parametrize("style", [synth.FAR, synth.NEAR])
-def test_both_styles_give_the_correct_answer(style):
-    for p in synth.problems(200, seed=1):
-        text = synth.solve(p, style)
-        assert boxed(text) == str(p.answer)
-        assert grader.grade(text, str(p.answer))
-        assert synth.style_of(text) == style
+def patterns(p):
+    """Every restatement pattern of problem p: one bool per line but the last."""
+    n = len(p.terms) - 1
+    return [[bool(m >> i & 1) for i in range(n)] for m in range(2 ** n)]
 
 
-def test_styles_do_the_same_arithmetic():
-    """The near style only adds ', left <rest>' to the lines: same products, same sums, same order."""
+def test_every_pattern_gives_the_correct_answer_and_the_same_arithmetic():
+    """Restating only appends ', left <terms still to come>' to a line: same products, sums and answer."""
+    for p in synth.problems(60, seed=1):
+        plain = synth.solve(p, [False] * (len(p.terms) - 1))
+        for pattern in patterns(p):
+            text = synth.solve(p, pattern)
+            assert boxed(text) == str(p.answer) and grader.grade(text, str(p.answer))
+            assert synth.restated(text) == pattern
+            assert re.sub(r", left [\d*+]+", "", text) == plain
+            for i, (line, r) in enumerate(zip(text.split("\n"), pattern)):  # a line restates exactly what is left
+                assert (line.split(", left ")[1] if r else None) == (
+                    "+".join(f"{a}*{b}" for a, b in p.terms[i + 1:]) if r else None)
     p = synth.Problem(((3, 4), (5, 2), (6, 7), (2, 9)))
-    assert synth.solve(p, synth.FAR) == "direct:\n3*4=12\n5*2=10 so 12+10=22\n6*7=42 so 22+42=64\n2*9=18 so 64+18=82\n\\boxed{82}"
-    assert synth.solve(p, synth.NEAR) == ("step by step:\n3*4=12, left 5*2+6*7+2*9\n5*2=10 so 12+10=22, left 6*7+2*9\n"
-                                          "6*7=42 so 22+42=64, left 2*9\n2*9=18 so 64+18=82\n\\boxed{82}")
-    for p in synth.problems(100, seed=2):
-        far, near = synth.solve(p, synth.FAR), synth.solve(p, synth.NEAR)
-        assert re.sub(r", left [\d*+]+", "", near).split("\n")[1:] == far.split("\n")[1:]
+    assert synth.solve(p, [True, False, True]) == ("3*4=12, left 5*2+6*7+2*9\n5*2=10 so 12+10=22\n"
+                                                   "6*7=42 so 22+42=64, left 2*9\n2*9=18 so 64+18=82\n\\boxed{82}")
+    with pytest.raises(ValueError):
+        synth.solve(p, [True])
 
 
-def test_style_of():
-    assert synth.style_of("direct:\n1*2=2\n\\boxed{2}") == synth.FAR
-    assert synth.style_of(" step by step:\n1*2=2\n\\boxed{2}") == synth.NEAR
-    assert synth.style_of("the answer is \\boxed{2}") is None
-    assert synth.style_of("") is None
+def test_restated_reads_model_text():
+    assert synth.restated("1*2=2, left 3*4\n3*4=12 so 2+12=14\n\\boxed{14}") == [True]
+    assert synth.restated("garbage\n1*2=2\n3*4=12 so 2+12=14, left 5*6\n") == [False]  # the last line never counts
+    assert synth.restate_counts("the answer is \\boxed{2}") == (0, 0)
 
 
-def test_near_share_and_split():
-    train, test = synth.split(2000, 300, seed=0)
-    assert not set(train) & set(test)
-    assert len(set(train)) == 2000 and len(set(test)) == 300
-    pairs = synth.sft_pairs(train, near_share=0.2, seed=0)
-    share = sum(synth.style_of(r) == synth.NEAR for _, r in pairs) / len(pairs)
-    assert abs(share - 0.2) < 0.03
-    assert all(synth.style_of(r) == synth.FAR for _, r in synth.sft_pairs(train[:50], near_share=0.0))
+def test_no_style_marker_the_choice_is_made_at_every_line():
+    """No opening word names a style: every solution opens with its first product; restating is decided per line."""
+    probs = synth.problems(200, 0)
+    for p, (_, r) in zip(probs, synth.sft_pairs(probs, rate=0.5, seed=0)):
+        assert r.startswith(f"{p.terms[0][0]}*{p.terms[0][1]}=")
+    pats = [tuple(synth.restated(r)) for _, r in synth.sft_pairs(synth.problems(2000, 0, terms=(5, 5)), 0.5, 0)]
+    assert len(set(pats)) == 16  # every pattern occurs: no all-or-nothing style
 
 
-def test_corpus_is_plain_text_of_both_styles():
+@pytest.mark.parametrize("rate", [0.125, 0.25, 0.5])
+def test_per_line_rate_is_as_configured_and_independent(rate):
+    pairs = synth.sft_pairs(synth.problems(4000, seed=0), rate=rate, seed=0)
+    lines = [synth.restated(r) for _, r in pairs]
+    flat = [x for ls in lines for x in ls]
+    assert abs(sum(flat) / len(flat) - rate) < 0.02
+    for i in range(3):  # the same rate at every line position ...
+        col = [ls[i] for ls in lines]
+        assert abs(sum(col) / len(col) - rate) < 0.03
+    both = [ls[i] and ls[i + 1] for ls in lines for i in range(len(ls) - 1)]  # ... and no dependence between lines
+    assert abs(sum(both) / len(both) - rate * rate) < 0.02
+    assert synth.sft_pairs(synth.problems(50, 0), rate=rate, seed=1) == synth.sft_pairs(synth.problems(50, 0), rate, 1)
+
+
+def test_splits_are_disjoint():
+    train, test, valid = synth.split(3000, 300, seed=0, n_valid=300)
+    assert len(set(train)) == 3000 and len(set(test)) == 300 and len(set(valid)) == 300
+    assert not set(train) & set(test) and not set(train) & set(valid) and not set(test) & set(valid)
+    assert synth.split(3000, 300, seed=5)[1] == test  # the test set does not depend on the training seed
+    assert synth.split(100, 300, seed=0)[0] != synth.split(100, 300, seed=1)[0]
+
+
+def test_nothing_that_makes_the_data_knows_a_window():
+    """The generator takes no window, and the demo's data (SFT pairs, RL prompts, test problems, ceiling traces)
+    are the same whatever --window is."""
+    import inspect
+    for fn in (synth.make_problem, synth.solve, synth.sample_solution, synth.problems, synth.split, synth.sft_pairs,
+               synth.corpus):
+        assert not {"w", "window", "W"} & set(inspect.signature(fn).parameters)
+        assert "window" not in inspect.getsource(fn).lower()
+    import demo
+    model, tok = swarr.load(TINY)
+    data = [demo.task(demo.parser().parse_args(["--window", str(w), "--n-train", "300"]), tok, model.cfg)
+            for w in (24, 64)]
+    assert data[0] == data[1]
+
+
+def test_corpus_is_plain_text_restating_half_the_lines():
     docs = synth.corpus(400, seed=0)
     assert not any("<|im_start|>" in d for d in docs)
-    styles = [synth.style_of(d.split("\n", 1)[1]) for d in docs]
-    assert 0.4 < styles.count(synth.NEAR) / len(styles) < 0.6 and None not in styles
+    flat = [x for d in docs for x in synth.restated(d.split("\n", 1)[1])]
+    assert abs(sum(flat) / len(flat) - synth.CORPUS_RATE) < 0.05
 
 
 # ---- the tokenizer and how far back traces reach -----------------------------------------------------------
@@ -94,8 +134,8 @@ def test_tokenizer_matches_the_tokenizers_library(tok):
     from tokenizers import Tokenizer
     hf = Tokenizer.from_file(tok.path)
     for p in synth.problems(100, seed=0):
-        for style in (synth.FAR, synth.NEAR):
-            text = tok.chat(p.prompt) + synth.solve(p, style) + "<|im_end|>"
+        for pattern in (patterns(p)[0], patterns(p)[-1], patterns(p)[5]):
+            text = tok.chat(p.prompt) + synth.solve(p, pattern) + "<|im_end|>"
             ids = tok.encode(text)
             assert ids == hf.encode(text).ids
             assert tok.decode(ids) == text
@@ -103,14 +143,21 @@ def test_tokenizer_matches_the_tokenizers_library(tok):
     assert tok.encode("1234") == [tok.encode(c)[0] for c in "1234"]  # one token per digit
 
 
-def test_lookback_separates_the_styles(tok):
-    """Near traces reuse only what the previous line holds; far traces reach back to the question."""
-    near, far = [], []
-    for p in synth.problems(200, seed=0):
-        prompt = tok.chat(p.prompt)
-        near.append(synth.lookback(tok, prompt + synth.solve(p, synth.NEAR), len(prompt)))
-        far.append(synth.lookback(tok, prompt + synth.solve(p, synth.FAR), len(prompt)))
-    assert max(near) < 40 <= min(far)
+def test_lookback_is_set_by_where_lines_restate(tok):
+    """Restating at every line keeps every reuse a line or so back; restating nowhere reaches back to the
+    question; the ranges are the ones synth's docstring states (4, 5, 6 terms)."""
+    every, none = {}, {}
+    for p in synth.problems(300, seed=0):
+        prompt, n = tok.chat(p.prompt), len(p.terms)
+        every.setdefault(n, []).append(synth.lookback(tok, prompt + synth.solve(p, [True] * (n - 1)), len(prompt)))
+        none.setdefault(n, []).append(synth.lookback(tok, prompt + synth.solve(p, [False] * (n - 1)), len(prompt)))
+    ranges = {n: ((min(every[n]), max(every[n])), (min(none[n]), max(none[n]))) for n in every}
+    assert ranges == {4: ((24, 28), (43, 52)), 5: ((28, 32), (58, 71))}, ranges
+    p = synth.problems(1, seed=3, terms=(5, 5))[0]
+    prompt = tok.chat(p.prompt)
+    reach = lambda pat: synth.lookback(tok, prompt + synth.solve(p, pat), len(prompt))
+    assert reach([True, True, True, False]) < reach([True, False, True, False]) < reach([True, False, False, False])
+    assert reach([True, False, False, False]) < reach([False] * 4)
     assert synth.lookback(tok, "1*2+3*4\n1*2=2", 8) == tok.encode("1*2+3*4\n").__len__()
 
 
@@ -139,10 +186,10 @@ def test_shipped_checkpoint_loads_in_transformers():
 
 
 def test_shipped_model_knows_the_task():
-    """The pretrained model continues plain text "<problem>\\n<marker>" correctly in both styles."""
+    """The pretrained model continues plain text "<problem>\\n" with a correct solution."""
     model, tok = swarr.load(TINY)
     acc = pretrain.plain_accuracy(model, tok, synth.problems(20, seed=synth.TEST_SEED))
-    assert acc["far"] >= 0.5 and acc["near"] >= 0.5, acc
+    assert acc["greedy"] >= 0.5 and acc["sampled"] >= 0.5, acc
 
 
 def test_pretrain_script_reproduces_the_architecture(tmp_path):
