@@ -196,7 +196,7 @@ def rejection_samples(model, tok, problems, args) -> tuple[list, dict]:
     for step in range(steps):
         batch = [problems[i] for i in train_rl.pick(len(problems), P, step, args.seed)]
         for s in train_rl.rollout(model, tok, batch, G, RL["temperature"], args.max_new_tokens,
-                                  seed=args.seed * 100_003 + step):
+                                  seed=train_rl.sample_seeds(args.seed, step, range(P))):
             drawn += 1
             if reward(s["text"], s["problem"]) == 1 and not s["truncated"]:
                 kept.append((s["problem"]["prompt"], s["text"] + eot))

@@ -79,6 +79,11 @@ def pick(n: int, P: int, step: int, seed: int) -> list[int]:
 
 # ---- 1. rollouts ------------------------------------------------------------------------------------------
 @torch.no_grad()
+def sample_seeds(seed: int, step: int, slots) -> list[int]:
+    """The sampling seed of each prompt slot j of a step: the same on one process or split over several."""
+    return [(seed * 100_003 + step) * 1_000_003 + j for j in slots]
+
+
 def rollout(model, tok, problems: list[dict], group_size: int, temperature: float, max_new_tokens: int,
             seed) -> list[dict]:
     """Sample group_size completions per problem; rows r*G .. r*G+G-1 belong to problem r. seed: one, or one per
@@ -219,7 +224,7 @@ def run(args, model=None, tok=None, problems=None, held_out=None, reward_fn=None
         t0, mine = time.time(), range(rank * Pr, (rank + 1) * Pr)
         picked = pick(len(problems), P, step, args.seed)
         samples = rollout(distributed.unsharded(model), tok, [problems[picked[j]] for j in mine], G, args.temperature,
-                          args.max_new_tokens, seed=[(args.seed * 100_003 + step) * 1_000_003 + j for j in mine])
+                          args.max_new_tokens, seed=sample_seeds(args.seed, step, mine))
         # 2. reward
         rewards = torch.tensor([reward_fn(s["text"], s["problem"]) for s in samples], dtype=torch.float32).view(Pr, G)
         # 3. advantages; groups of equal rewards have none (--skip-zero-var leaves them out)
