@@ -432,7 +432,7 @@ def check_args(args) -> list[int]:
         raise swarr.SwarrError(f"{args.data}: data file not found")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise swarr.SwarrError(f"--out {args.out}: exists and is not a folder")
-    bench.check_device(args.device)
+    swarr.check_device(args.device)
     return windows
 
 
