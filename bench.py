@@ -503,26 +503,13 @@ def print_e2e_table(res: dict, c: dict):
 # command line
 
 
-def check_device(name: str) -> torch.device:
-    """--device: cpu, cuda or cuda:N, and CUDA only where there is a device. SwarrError otherwise."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise swarr.SwarrError(f"--device {name!r}: only cpu and cuda (or cuda:N) are supported")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise swarr.SwarrError(f"--device {name}: no CUDA device is available")
-    return device
-
-
 def e2e_options(args) -> dict:
     """The e2e settings: the flags given, else --quick's (E2E_QUICK), else the defaults, some per device."""
     o = {k: getattr(args, k) for k in ("model", "device", "dtype", "windows", "contexts", "batches", "steps",
                                         "prefill_max")}
     for k, v in {**E2E_DEFAULTS, **(E2E_QUICK if args.quick else {})}.items():
         o[k] = v if o[k] is None else o[k]
-    o["device"] = check_device(o["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
+    o["device"] = swarr.check_device(o["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = o["device"].type == "cuda"
     o["dtype"] = o["dtype"] or ("bfloat16" if cuda else "float32")
     if not os.path.isdir(o["model"]) and o["model"].lower() not in SHAPES:

@@ -196,7 +196,7 @@ def rejection_samples(model, tok, problems, args) -> tuple[list, dict]:
     for step in range(steps):
         batch = [problems[i] for i in train_rl.pick(len(problems), P, step, args.seed)]
         for s in train_rl.rollout(model, tok, batch, G, RL["temperature"], args.max_new_tokens,
-                                  seed=args.seed * 100_003 + step):
+                                  seed=train_rl.sample_seeds(args.seed, step, range(P))):
             drawn += 1
             if reward(s["text"], s["problem"]) == 1 and not s["truncated"]:
                 kept.append((s["problem"]["prompt"], s["text"] + eot))
@@ -432,7 +432,7 @@ def check_args(args) -> list[int]:
         raise swarr.SwarrError(f"{args.data}: data file not found")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise swarr.SwarrError(f"--out {args.out}: exists and is not a folder")
-    bench.check_device(args.device)
+    swarr.check_device(args.device)
     return windows
 
 

@@ -571,8 +571,9 @@ def prefill(model: Transformer, prompts: list[list[int]], caches: list[KVCache])
                       for r, toks in enumerate(prompts)])
 
 
-def sample(logits, temperature: float, top_p: float, gen: torch.Generator | None):
-    """(B, V) logits -> (B,) tokens. temperature 0 = greedy; top_p < 1 keeps the smallest nucleus."""
+def sample(logits, temperature: float, top_p: float, gen: torch.Generator | list | None):
+    """(B, V) logits -> (B,) tokens. temperature 0 = greedy; top_p < 1 keeps the smallest nucleus. gen: one
+    generator, or a list of them that split the rows into equal consecutive groups (one per prompt)."""
     if temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, -1)
@@ -580,6 +581,8 @@ def sample(logits, temperature: float, top_p: float, gen: torch.Generator | None
         sp, si = probs.sort(-1, descending=True)
         sp[(sp.cumsum(-1) - sp) > top_p] = 0  # drop tokens once the mass before them exceeds top_p
         probs = torch.zeros_like(probs).scatter_(-1, si, sp)
+    if isinstance(gen, list):
+        return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs.chunk(len(gen)), gen)])[:, 0]
     return torch.multinomial(probs, 1, generator=gen)[:, 0]
 
 
@@ -621,8 +624,8 @@ def check_generation(model: Transformer, prompts: list[list[int]], max_new_token
 
 
 @torch.no_grad()
-def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, eos_ids=(),
-             temperature: float = 0.0, top_p: float = 1.0, n_samples: int = 1, seed: int | None = None) -> Generation:
+def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, eos_ids=(), temperature: float = 0.0,
+             top_p: float = 1.0, n_samples: int = 1, seed: int | list | None = None) -> Generation:
     """Batched sampling. Prompts may differ in length. n_samples > 1 prefills each prompt once and clones
     its cache into n_samples rows (rows r*n .. r*n+n-1 belong to prompt r), as group sampling in RL wants.
 
@@ -636,7 +639,10 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     if n_samples > 1:
         caches = [c.repeat_rows(n_samples) for c in caches]
         logits = logits.repeat_interleave(n_samples, 0)
-    gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
+    # seed: one for the batch, or one per prompt (its rows then draw the same samples in any batch, e.g. when the
+    # prompts are split over processes)
+    gen = [torch.Generator(device=dev).manual_seed(s) for s in seed] if isinstance(seed, list) else \
+        torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
     return decode_loop(model, caches, logits, max_new_tokens, eos_ids=eos_ids, temperature=temperature,
                        top_p=top_p, generator=gen)
 

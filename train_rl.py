@@ -44,6 +44,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import distributed
 import grader
 import swarr
 import training
@@ -52,7 +53,7 @@ import training
 def parser() -> argparse.ArgumentParser:
     p = training.common_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), out="runs/rl")
     p.add_argument("--steps", type=int, default=100, help="optimizer steps, each on a fresh batch of rollouts")
-    p.add_argument("--prompts-per-step", type=int, default=16)
+    p.add_argument("--prompts-per-step", type=int, default=16, help="in all (under torchrun: split over the processes)")
     p.add_argument("--group-size", type=int, default=8, help="samples per prompt (at least 2)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature T (> 0)")
     p.add_argument("--max-new-tokens", type=int, default=512)
@@ -78,10 +79,17 @@ def pick(n: int, P: int, step: int, seed: int) -> list[int]:
 
 # ---- 1. rollouts ------------------------------------------------------------------------------------------
 @torch.no_grad()
+def sample_seeds(seed: int, step: int, slots) -> list[int]:
+    """The sampling seed of each prompt slot j of a step: the same on one process or split over several."""
+    return [(seed * 100_003 + step) * 1_000_003 + j for j in slots]
+
+
 def rollout(model, tok, problems: list[dict], group_size: int, temperature: float, max_new_tokens: int,
-            seed: int) -> list[dict]:
-    """Sample group_size completions per problem; rows r*G .. r*G+G-1 belong to problem r. One dict per sample:
-    {"problem", "prompt_ids", "ids" (completion tokens, stop token included), "text" (without it), "truncated"}."""
+            seed) -> list[dict]:
+    """Sample group_size completions per problem; rows r*G .. r*G+G-1 belong to problem r. seed: one, or one per
+    problem (whose samples are then the same in any batch: any split of the prompts over processes). One dict per
+    sample: {"problem", "prompt_ids", "ids" (completion tokens, stop token included), "text" (without it),
+    "truncated"}."""
     model.eval()
     stop = tok.stop_ids(model.cfg)
     prompts = [tok.encode(p["prompt"]) for p in problems]
@@ -168,14 +176,17 @@ def run(args, model=None, tok=None, problems=None, held_out=None, reward_fn=None
     if problems is None:  # read the data first: a bad path should fail before a large model loads
         records = training.read_records(args.data)[:args.limit]
         held_records = training.read_records(args.held_out, "--held-out") if args.held_out else None
-    training.open_out(args, log)  # refuses to overwrite a run or its input; locks --out
-    rec = training.Recorder(args.out, log, history)
-    # Load the starting policy, copy the frozen KL reference from it, then restore a resumed run over the policy.
+    training.open_out(args, log)  # joins the other processes under torchrun; refuses to overwrite; locks --out
+    rec, N, rank = training.Recorder(args.out, log, history), distributed.world(), distributed.rank()
+    distributed.check(args, args.prompts_per_step, "--prompts-per-step")
+    # Load the starting policy, copy the frozen KL reference from it, wrap it for data-parallel training, then
+    # restore a resumed run over the policy.
     model, tok = training.load_model(args, model, tok)
     ref = training.frozen_copy(model) if args.kl else None
     if ref is not None:
         mb = sum(p.numel() * p.element_size() for p in ref.parameters()) / 2**20
         rec(f"KL reference: a frozen copy of the starting policy, {mb:.1f} MB", event="kl_reference", mb=mb)
+    fwd = distributed.wrap(model, args)  # what the training forward calls: the model, DDP or the FSDP2-sharded model
     optimizer = training.make_optimizer(model, args)
     start = training.restore(args, model, optimizer, rec)  # --resume: the saved weights, moments and step
     device = next(model.parameters()).device
@@ -188,7 +199,7 @@ def run(args, model=None, tok=None, problems=None, held_out=None, reward_fn=None
         else:
             problems, held_out = training.split_held_out(problems, args.held_out_frac, args.seed)
     held_out = (held_out or [])[:args.eval_n]
-    P, G = args.prompts_per_step, args.group_size
+    P, G, Pr = args.prompts_per_step, args.group_size, args.prompts_per_step // N  # Pr prompts per process
     rec(f"{len(problems)} problems, {len(held_out)} held out; {P} prompts x {G} samples per step; windows "
         f"{model.windows}. The loss printed sits near 0 by construction (advantages sum to 0 in each group): "
         f"watch the reward.")
@@ -196,10 +207,11 @@ def run(args, model=None, tok=None, problems=None, held_out=None, reward_fn=None
     def evaluate(step, sampled_acc):
         if not held_out:
             return
-        done = [s for b in range(0, len(held_out), P * G)  # as many rows at a time as a training rollout
-                for s in rollout(model, tok, held_out[b:b + P * G], 1, 0.0, args.max_new_tokens, seed=0)]
-        acc = sum(reward_fn(s["text"], s["problem"]) == 1 for s in done) / len(done)
-        rec(f"eval step {step}: greedy accuracy {acc:.3f} on {len(done)} held-out problems"
+        mine, gen_model = held_out[rank::N], distributed.unsharded(model)  # each process every N-th problem
+        done = [s for b in range(0, len(mine), Pr * G)  # as many rows at a time as a training rollout
+                for s in rollout(gen_model, tok, mine[b:b + Pr * G], 1, 0.0, args.max_new_tokens, seed=0)]
+        acc = distributed.all_sum(sum(reward_fn(s["text"], s["problem"]) == 1 for s in done))[0] / len(held_out)
+        rec(f"eval step {step}: greedy accuracy {acc:.3f} on {len(held_out)} held-out problems"
             + (f" (sampled at T={args.temperature} this step: {sampled_acc:.3f})" if sampled_acc is not None else ""),
             event="eval", step=step, greedy_accuracy=acc, sampled_accuracy=sampled_acc)
 
@@ -207,40 +219,48 @@ def run(args, model=None, tok=None, problems=None, held_out=None, reward_fn=None
         evaluate(0, None)
     t_start, sampled_acc, seen, dead = time.time(), None, dict(reward=[], zero_var=[]), None
     for step in range(start, args.steps):
-        # 1. rollouts: fresh samples from the current policy
-        t0 = time.time()
-        batch = [problems[i] for i in pick(len(problems), P, step, args.seed)]
-        samples = rollout(model, tok, batch, G, args.temperature, args.max_new_tokens, seed=args.seed * 100_003 + step)
+        # 1. rollouts: fresh samples from the current policy. Under torchrun process r takes prompts r*Pr .. r*Pr+Pr-1
+        # (so each group's baseline stays on one process); each prompt's seed is a function of (seed, step, j).
+        t0, mine = time.time(), range(rank * Pr, (rank + 1) * Pr)
+        picked = pick(len(problems), P, step, args.seed)
+        samples = rollout(distributed.unsharded(model), tok, [problems[picked[j]] for j in mine], G, args.temperature,
+                          args.max_new_tokens, seed=sample_seeds(args.seed, step, mine))
         # 2. reward
-        rewards = torch.tensor([reward_fn(s["text"], s["problem"]) for s in samples], dtype=torch.float32).view(P, G)
+        rewards = torch.tensor([reward_fn(s["text"], s["problem"]) for s in samples], dtype=torch.float32).view(Pr, G)
         # 3. advantages; groups of equal rewards have none (--skip-zero-var leaves them out)
         adv = advantages(rewards, args.std_norm).flatten()
         zero_var = rewards.max(1).values == rewards.min(1).values
-        rows = [i for i in range(P * G) if not (args.skip_zero_var and zero_var[i // G])]
-        # 4. loss and its gradient, micro-batched under one normalisation for the whole batch
+        rows = [i for i in range(Pr * G) if not (args.skip_zero_var and zero_var[i // G])]
+        # 4. loss and its gradient, micro-batched under one normalisation for the whole (global) batch
         t1 = time.time()
-        n_norm = sum(len(samples[i]["ids"]) for i in rows) if args.norm == "tokens" else P * G * args.max_new_tokens
+        n_rows, n_tokens = distributed.all_sum(len(rows), sum(len(samples[i]["ids"]) for i in rows))
+        n_norm = n_tokens if args.norm == "tokens" else P * G * args.max_new_tokens
         model.train()
-        loss, kl = 0.0, 0.0
-        for b in range(0, len(rows), args.micro_batch):
-            part = rows[b:b + args.micro_batch]
-            with training.autocast(device):
-                l, k = policy_loss(model, [samples[i] for i in part], adv[part].to(device), n_norm, ref, args.kl,
-                                   args.temperature)
-            l.backward()
-            loss, kl = loss + l.item(), kl + (k or 0.0)
+        loss, kl, n_micro = 0.0, 0.0, distributed.all_max(-(-len(rows) // args.micro_batch))
+        for b in range(n_micro):  # as many micro-batches in every process; a process without rows weighs its 0
+            part = rows[b * args.micro_batch:(b + 1) * args.micro_batch]
+            with distributed.sync(fwd, last=b == n_micro - 1):  # gradients summed over processes in the last one
+                with training.autocast(device):
+                    l, k = policy_loss(fwd, [samples[i] for i in part or [0]], adv[part or [0]].to(device), n_norm,
+                                       ref, args.kl, args.temperature)
+                (l * bool(part)).backward()
+            loss, kl = loss + l.item() * bool(part), kl + (k or 0.0) * bool(part)
+        loss, kl = distributed.all_sum(loss, kl)
         training.check_finite(loss, step + 1, args.out)
         # 5. one AdamW step (none when every group was left out: no signal)
-        grad_norm = training.optimizer_step(model, optimizer, args.clip, step + 1, args.out) if rows else 0.0
+        grad_norm = training.optimizer_step(model, optimizer, args.clip, step + 1, args.out) if n_rows else 0.0
         t2, done = time.time(), step + 1
 
-        lengths = [len(s["ids"]) for s in samples]
-        m = dict(event="train", step=done, reward=rewards.mean().item(), accuracy=(rewards == 1).float().mean().item(),
-                 mean_length=sum(lengths) / len(lengths), truncated=sum(s["truncated"] for s in samples) / len(samples),
-                 zero_var=zero_var.float().mean().item(), grad_norm=grad_norm, loss=loss,
-                 tokens_per_s=sum(lengths) / (t2 - t0), rollout_s=t1 - t0, train_s=t2 - t1)
+        # the metrics of the whole batch, all processes' samples in prompt order
+        lengths = distributed.all_cat(torch.tensor([len(s["ids"]) for s in samples], dtype=torch.float64))
+        truncated = distributed.all_cat(torch.tensor([s["truncated"] for s in samples], dtype=torch.float64))
+        every = distributed.all_cat(rewards)
+        m = dict(event="train", step=done, reward=every.mean().item(), accuracy=(every == 1).float().mean().item(),
+                 mean_length=lengths.mean().item(), truncated=truncated.mean().item(),
+                 zero_var=(every.max(1).values == every.min(1).values).float().mean().item(), grad_norm=grad_norm,
+                 loss=loss, tokens_per_s=lengths.sum().item() / (t2 - t0), rollout_s=t1 - t0, train_s=t2 - t1)
         if ref is not None:
-            m["kl"] = kl / max(1, sum(lengths[i] for i in rows))
+            m["kl"] = kl / max(1, n_tokens)
         el = time.time() - t_start
         rec(f"step {done}/{args.steps}  reward {m['reward']:.3f}  acc {m['accuracy']:.3f}  len {m['mean_length']:.0f}  "
             f"trunc {m['truncated']:.0%}  zero-var {m['zero_var']:.0%}  |g| {grad_norm:.3f}  loss {loss:+.4f}  "
@@ -249,10 +269,10 @@ def run(args, model=None, tok=None, problems=None, held_out=None, reward_fn=None
             f"ETA {el / (done - start) * (args.steps - done):.0f}s", **m)
         if args.show_every and done % args.show_every == 0:
             shown = [dict(step=done, prompt=samples[i]["problem"]["prompt"], completion=samples[i]["text"],
-                          reward=rewards.flatten()[i].item()) for i in range(0, min(P, 4) * G, G)]
+                          reward=rewards.flatten()[i].item()) for i in range(0, min(Pr, 4) * G, G)]  # (rank 0's)
             for s in shown:
                 rec(f"  [reward {s['reward']:g}] {s['completion'][:300]!r}")
-            if args.out:
+            if args.out and distributed.is_main():
                 with open(os.path.join(args.out, "samples.jsonl"), "a") as f:
                     f.writelines(json.dumps(s) + "\n" for s in shown)
         sampled_acc = m["accuracy"]
@@ -271,7 +291,7 @@ def run(args, model=None, tok=None, problems=None, held_out=None, reward_fn=None
 def main(argv=None):
     args = parser().parse_args(argv)
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on CUDA: rollouts run on the fp32 master weights
-    swarr.run_cli(run, args)
+    distributed.run_cli(run, args)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import distributed
 import grader
 import swarr
 import training
@@ -43,7 +44,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--loss-on", choices=["response", "all"], default="response", help="'all' = plain LM training")
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--max-steps", type=int, default=0, help="optimizer steps (overrides --epochs when > 0)")
-    p.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch (per process under torchrun)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="the cosine decays to lr * this")
@@ -110,16 +111,18 @@ def loss_sum(model: swarr.Transformer, inputs: torch.Tensor, targets: torch.Tens
 
 @torch.no_grad()
 def held_out_loss(model, examples: list, batch_size: int, device) -> float:
-    """Mean per-token loss over the held-out examples."""
+    """Mean per-token loss over the held-out examples (under torchrun, each process takes its share of a batch)."""
     model.eval()
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
+    order, B = sorted(range(len(examples)), key=lambda i: len(examples[i][0])), batch_size * distributed.world()
     total, n = 0.0, 0
-    for b in range(0, len(order), batch_size):
-        inputs, targets = training.collate([examples[i] for i in order[b:b + batch_size]], device)
+    for b in range(0, len(order), B):
+        mine, any_ = distributed.share([examples[i] for i in order[b:b + B]], batch_size)
+        inputs, targets = training.collate(mine, device)
         with training.autocast(device):
-            total += loss_sum(model, inputs, targets).item()
-        n += int((targets != -100).sum())
+            total += loss_sum(model, inputs, targets).item() * any_
+        n += int((targets != -100).sum()) * any_
     model.train()
+    total, n = distributed.all_sum(total, n)
     return total / max(n, 1)
 
 
@@ -132,7 +135,7 @@ def run(args, model=None, tok=None, train=None, held_out=None, log=print, histor
     if train is None:  # read the data first: a bad path should fail before a large model loads
         records = training.read_records(args.data)[:args.limit]
         held_records = training.read_records(args.held_out, "--held-out") if args.held_out else None
-    training.open_out(args, log)  # refuses to overwrite a run or its input; locks --out
+    training.open_out(args, log)  # joins the other processes under torchrun; refuses to overwrite; locks --out
     rec = training.Recorder(args.out, log, history)
     model, tok = training.load_model(args, model, tok)
     device = next(model.parameters()).device
@@ -149,15 +152,17 @@ def run(args, model=None, tok=None, train=None, held_out=None, log=print, histor
     rec(f"{len(examples)} training examples ({len(train) - len(examples)} longer than {args.max_len} tokens dropped), "
         f"{len(held)} held out; windows {model.windows}")
 
-    # The whole run's micro-batches, epoch after epoch: step s uses stream[s*A : (s+1)*A].
-    A, lengths = args.grad_accum, [len(ids) for ids, _ in examples]
-    per_epoch = max(1, math.ceil(len(examples) / args.batch_size) // A)
+    # The whole run's micro-batches, epoch after epoch: step s uses stream[s*A : (s+1)*A]. Under torchrun each
+    # micro-batch holds N*B examples (N processes of --batch-size B): process r computes on items r*B .. r*B+B-1.
+    A, B, lengths = args.grad_accum, args.batch_size, [len(ids) for ids, _ in examples]
+    per_epoch = max(1, math.ceil(len(examples) / (B * distributed.world())) // A)
     total = args.max_steps or max(1, round(args.epochs * per_epoch))
     stream, epoch = [], 0
     while len(stream) < total * A:
-        stream += plan_batches(lengths, args.batch_size, args.seed, epoch)
+        stream += plan_batches(lengths, B * distributed.world(), args.seed, epoch)
         epoch += 1
 
+    fwd = distributed.wrap(model, args)  # what the training forward calls: the model, DDP or the FSDP2-sharded model
     optimizer = training.make_optimizer(model, args)
     start = training.restore(args, model, optimizer, rec)  # --resume: the saved weights, moments and step
     model.train()
@@ -167,11 +172,12 @@ def run(args, model=None, tok=None, train=None, held_out=None, log=print, histor
         if held:
             m["held_out_loss"] = held_out_loss(model, held, args.batch_size, device)
             line += f" held-out loss {m['held_out_loss']:.4f}"
-        if held_out and args.eval_accuracy:
+        if held_out and args.eval_accuracy:  # under torchrun each process takes every N-th problem
             probs = [{"prompt": p, "answer": grader.extract_answer(r)} for p, r in held_out[:args.eval_accuracy]]
-            summary, _ = swarr.evaluate(model, tok, probs, max_new_tokens=args.max_new_tokens,
-                                        batch_size=args.batch_size, progress=False)
-            m["accuracy"] = summary["accuracy"]
+            mine, gen_model = probs[distributed.rank()::distributed.world()], distributed.unsharded(model)
+            right = swarr.evaluate(gen_model, tok, mine, max_new_tokens=args.max_new_tokens, batch_size=B,
+                                   progress=False)[0]["accuracy"] * len(mine) if mine else 0.0
+            m["accuracy"] = distributed.all_sum(right)[0] / len(probs)
             line += f"  greedy accuracy {m['accuracy']:.3f} on {len(probs)}"
         if len(m) > 2:
             rec(line, **m)
@@ -179,19 +185,22 @@ def run(args, model=None, tok=None, train=None, held_out=None, log=print, histor
     t0, busy, tokens, losses = time.time(), 0.0, 0, []  # busy: seconds in training steps (not eval, not saving)
     for step in range(start, total):
         t_step = time.time()
-        micro = [[examples[i] for i in b] for b in stream[step * A:(step + 1) * A]]
-        n_targets = sum(len(ids) - s for mb in micro for ids, s in mb)  # the whole accumulated batch
+        micro = [[examples[i] for i in b] for b in stream[step * A:(step + 1) * A]]  # all processes' examples
+        n_targets = sum(len(ids) - s for mb in micro for ids, s in mb)  # the whole accumulated (global) batch
         lr = training.lr_at(step, total, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss = 0.0
-        for mb in micro:
-            inputs, targets = training.collate(mb, device)
-            with training.autocast(device):
-                part = loss_sum(model, inputs, targets) / n_targets
-            part.backward()
+        for k, mb in enumerate(micro):
+            mine, any_ = distributed.share(mb, B)
+            with distributed.sync(fwd, last=k == A - 1):  # gradients summed over processes in the last backward
+                inputs, targets = training.collate(mine, device)
+                with training.autocast(device):
+                    part = loss_sum(fwd, inputs, targets) / n_targets * any_
+                part.backward()
             loss += part.item()
             tokens += sum(len(ids) for ids, _ in mb)
+        loss = distributed.all_sum(loss)[0]
         training.check_finite(loss, step + 1, args.out)
         grad_norm = training.optimizer_step(model, optimizer, args.clip, step + 1, args.out)
         busy += time.time() - t_step
@@ -214,7 +223,7 @@ def run(args, model=None, tok=None, train=None, held_out=None, log=print, histor
 def main(argv=None):
     args = parser().parse_args(argv)
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on CUDA (bf16 autocast covers most of them anyway)
-    swarr.run_cli(run, args)
+    distributed.run_cli(run, args)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import os
 
 import torch
 
+import distributed
 import grader
 import swarr
 
@@ -51,6 +52,7 @@ def common_args(p: argparse.ArgumentParser, out: str) -> argparse.ArgumentParser
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --out, or write into the folder of the input checkpoint")
+    distributed.add_args(p)  # --shard, --timeout (under torchrun)
     return p
 
 
@@ -106,7 +108,20 @@ def open_out(args, log=print):
     be written; a folder holding another run (unless --resume continues it or --overwrite replaces it); a folder
     that contains the input checkpoint --model (training would replace its own input; --overwrite allows it); a
     folder another live process is writing (out/.lock names its pid; the lock of a dead process is taken over).
-    Then an interrupted save is finished or cleaned up (swarr.recover)."""
+    Then an interrupted save is finished or cleaned up (swarr.recover). Under torchrun the processes first join
+    each other (distributed.setup); rank 0 takes --out and tells the others whether it could."""
+    distributed.setup(args)
+    why = ""
+    if distributed.is_main():
+        try:
+            _take_out(args, log)
+        except swarr.SwarrError as e:
+            why = str(e)
+    if distributed.all_sum(float(bool(why)))[0]:
+        raise swarr.SwarrError(why or f"--out {args.out}: refused by rank 0 (its error line says why)")
+
+
+def _take_out(args, log):
     out = args.out
     if not out:
         return
@@ -241,7 +256,9 @@ def apply_window(model: swarr.Transformer, args) -> swarr.Transformer:
 
 def load_model(args, model=None, tok=None) -> tuple[swarr.Transformer, swarr.Tokenizer]:
     """The model a run starts from, windowed as the flags say: the one passed in, else --model. Under --resume
-    without --model, the run's own checkpoint (restore() then sets the same weights again)."""
+    without --model, the run's own checkpoint (restore() then sets the same weights again). Under torchrun the
+    process first joins the others (distributed.setup) and loads the whole model (wrap it next)."""
+    distributed.setup(args)
     if model is None:
         path = args.model or ""
         if args.resume and not args.model:
@@ -322,7 +339,8 @@ def optimizer_step(model: swarr.Transformer, optimizer: torch.optim.Optimizer, c
     before clipping. A NaN/inf gradient or an optimizer that overflows (e.g. --lr 1e38) stops the run with one
     line naming the last good checkpoint (`step` and `out` are for that line); NaN/inf weights are caught by
     the next step's loss and before every save."""
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)  # of the whole gradient, also under FSDP2
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
     stop = f"stopping. The last good checkpoint: {last_good(out)}"
     if not math.isfinite(grad_norm):
         raise swarr.SwarrError(f"step {step}: the gradient norm is {grad_norm} ({_cause(model)}); {stop}")
@@ -338,11 +356,12 @@ def optimizer_step(model: swarr.Transformer, optimizer: torch.optim.Optimizer, c
 # ---- records ---------------------------------------------------------------------------------------------
 class Recorder:
     """Where a run's numbers go: `log` gets a line for people; `history` (a list, if given) and out/log.jsonl get
-    one dict per event, e.g. {"event": "train", "step": 10, "loss": 0.41, ...}."""
+    one dict per event, e.g. {"event": "train", "step": 10, "loss": 0.41, ...}. Under torchrun only rank 0 logs
+    and writes (every rank's `history` gets the dicts)."""
 
     def __init__(self, out: str, log, history: list | None):
-        self.log, self.history = log, history
-        self.path = os.path.join(out, "log.jsonl") if out else None
+        self.log, self.history = (log if distributed.is_main() else lambda line: None), history
+        self.path = os.path.join(out, "log.jsonl") if out and distributed.is_main() else None
         if self.path:
             os.makedirs(out, exist_ok=True)
 
@@ -361,15 +380,21 @@ class Recorder:
 def save_checkpoint(out: str, model, tok, optimizer, step: int, args):
     """out/model (swarr.save, atomic; train_config.json records args and step) + out/trainer_state-<step>.pt.
     The state file is written before the model and older ones are deleted after it, so an interruption at any
-    moment leaves a model folder whose step has a state file."""
-    why = unsound(model, tok)  # never save what cannot be a good checkpoint
-    if why:
-        raise swarr.SwarrError(f"step {step}: {why} ({_cause(model)}); not saved, stopping. The last good "
-                               f"checkpoint: {last_good(out)}")
+    moment leaves a model folder whose step has a state file. Under torchrun every process takes part (the
+    shards are gathered) and rank 0 checks and writes the same files."""
+    model, optim = distributed.full_state(model, optimizer)
+    why = unsound(model, tok) if distributed.is_main() else None  # never save what cannot be a good checkpoint
+    if distributed.all_sum(float(bool(why)))[0]:
+        raise swarr.SwarrError(f"step {step}: {why or 'the weights are unsound'} "
+                               f"({_cause(model) if why else 'found by rank 0'}); not saved, stopping. "
+                               f"The last good checkpoint: {last_good(out)}")
+    if not distributed.is_main():
+        return
     name = f"trainer_state-{step}.pt"
-    torch.save({"step": step, "optimizer": optimizer.state_dict()}, os.path.join(out, name + ".tmp"))
+    torch.save({"step": step, "optimizer": optim}, os.path.join(out, name + ".tmp"))
     os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
-    config = json.dumps({**vars(args), "step": step, "windows": model.windows}, indent=2)
+    config = json.dumps({**vars(args), "step": step, "windows": model.windows, "world_size": distributed.world()},
+                        indent=2)
     swarr.save(model, tok, os.path.join(out, "model"), extra_files={"train_config.json": config})
     for f in os.listdir(out):
         if f.startswith("trainer_state-") and f != name:
@@ -384,16 +409,21 @@ def save_if_due(args, model, tok, optimizer, done: int, total: int, rec: Recorde
 
 
 def resumed_step(out: str) -> int:
-    """The step of the checkpoint that save_checkpoint left in `out`."""
+    """The step of the checkpoint that save_checkpoint left in `out` (which must have been written by as many
+    processes as this run has: a step's batch depends on it)."""
     cfg_path = os.path.join(out or "", "model", "train_config.json")
     if not os.path.lexists(cfg_path):
         raise swarr.SwarrError(f"--resume: {cfg_path} not found; nothing to resume")
     try:
-        step = swarr.read_json(cfg_path).get("step")
+        saved = swarr.read_json(cfg_path)
     except swarr.SwarrError as e:
         raise swarr.SwarrError(f"--resume: {e}") from None
+    step = saved.get("step")
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise swarr.SwarrError(f"--resume: {cfg_path}: 'step' must be an integer >= 0, got {step!r}")
+    if saved.get("world_size", 1) != distributed.world():
+        raise swarr.SwarrError(f"--resume: {out} was trained by {saved.get('world_size', 1)} process(es); resume it "
+                               f"with as many (this run has {distributed.world()})")
     return step
 
 
@@ -403,18 +433,19 @@ def restore(args, model: swarr.Transformer, optimizer: torch.optim.Optimizer, re
     if not args.resume:
         return 0
     step = resumed_step(args.out)
-    saved, _ = swarr.load(os.path.join(args.out, "model"), args.dtype, "cpu")
-    try:
-        model.load_state_dict(saved.state_dict())
-    except RuntimeError:
-        raise swarr.SwarrError(f"--resume: {args.out}/model is not a checkpoint of this model (--model)") from None
-    device = next(model.parameters()).device
+    weights = swarr.load(os.path.join(args.out, "model"), args.dtype, "cpu")[0].state_dict()
+    if {k: v.shape for k, v in weights.items()} != {k: v.shape for k, v in model.state_dict().items()}:
+        raise swarr.SwarrError(f"--resume: {args.out}/model is not a checkpoint of this model (--model)")
     path = os.path.join(args.out, f"trainer_state-{step}.pt")
     if not os.path.isfile(path):
         raise swarr.SwarrError(f"--resume: {path} (the optimizer state of step {step}) is missing")
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
+        optim = torch.load(path, map_location="cpu", weights_only=True)["optimizer"]
+        if distributed.world() == 1:
+            model.load_state_dict(weights)
+            optimizer.load_state_dict(optim)
+        else:  # every process reads the whole state and keeps its part
+            distributed.load_full_state(model, optimizer, weights, optim)
     except Exception as e:  # truncated, not a torch file, or moments of another model
         raise swarr.SwarrError(f"--resume: {path}: not a trainer state of this run "
                                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"[:400]) from None
