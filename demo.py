@@ -576,10 +576,12 @@ def sweep_report(res: dict) -> str:
 
 
 def sweep_svg(res: dict, path: str):
-    """Greedy accuracy of every row against W."""
-    ws = sorted(int(w) for w in res["windows"])
-    get = lambda k: [(w, next(x["accuracy"] for x in res["windows"][w]["rows"] if x["row"] == k)) for w in ws
-                     if any(x["row"] == k for x in res["windows"][w]["rows"])]
+    """Greedy accuracy of every row against W (res as run() returns it, or as read back from results.json,
+    where the window keys are strings)."""
+    by_w = {int(w): v for w, v in res["windows"].items()}
+    ws = sorted(by_w)
+    get = lambda k: [(w, next(x["accuracy"] for x in by_w[w]["rows"] if x["row"] == k)) for w in ws
+                     if any(x["row"] == k for x in by_w[w]["rows"])]
     curve = {k: get(k) for k in (CEIL, SWARR, REJECT, MORE, SWA)}
     a = res["args"]
     svg_curve({k: v for k, v in curve.items() if v}, {"SA + SFT": res["sa"]["accuracy"]}, path,

@@ -212,6 +212,10 @@ def test_sweep_writes_a_row_per_window(tmp_path):
     root = ET.parse(tmp_path / "out" / "sweep.svg").getroot()
     assert len(root.findall("{http://www.w3.org/2000/svg}path")) == 5
     assert "| 16 |" in (tmp_path / "out" / "report.md").read_text()
+    # the figure can be redrawn from results.json, whose window keys come back as strings
+    back = json.loads((tmp_path / "out" / "results.json").read_text())
+    demo.sweep_svg(back, str(tmp_path / "again.svg"))
+    assert (tmp_path / "again.svg").read_text() == (tmp_path / "out" / "sweep.svg").read_text()
 
 
 def test_report_files_are_replaced_whole(tmp_path, monkeypatch):
