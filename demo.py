@@ -297,12 +297,7 @@ def checks(res: dict) -> dict:
     return out
 
 
-def write(path: str, text: str):
-    """Write a file whole or not at all (a temporary file, then a rename): an interrupted run never leaves a
-    previous run's report half overwritten."""
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+write = swarr.write_text_atomic  # reports are replaced whole or not at all
 
 
 def fmt(x, spec=".3f"):
