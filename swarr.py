@@ -553,10 +553,15 @@ class KVCache:
         return self.k.nbytes + self.v.nbytes
 
 
+def cache_slots(window: int | None, max_len: int) -> int:
+    """Positions a layer's cache holds: W for a windowed layer (fewer if max_len is shorter), max_len otherwise."""
+    return min(window, max_len) if window else max_len
+
+
 def make_caches(model: Transformer, B: int, max_len: int) -> list[KVCache]:
-    """One cache per layer: W slots for a windowed layer (fewer if max_len is shorter), max_len otherwise."""
+    """One cache per layer, of cache_slots(W, max_len) positions."""
     c, p = model.cfg, next(model.parameters())
-    return [KVCache(B, c.n_kv_heads, c.head_dim, min(w, max_len) if w else max_len, w, p.dtype, p.device)
+    return [KVCache(B, c.n_kv_heads, c.head_dim, cache_slots(w, max_len), w, p.dtype, p.device)
             for w in model.windows]
 
 
@@ -615,7 +620,7 @@ def check_generation(model: Transformer, prompts: list[list[int]], max_new_token
         raise SwarrError(f"a prompt of {longest} tokens is longer than the model's context "
                          f"({c.max_pos} positions, max_position_embeddings)")
     rows, total = len(prompts) * n_samples, longest + max_new_tokens
-    slots = sum(min(w, total) if w else total for w in model.windows)
+    slots = sum(cache_slots(w, total) for w in model.windows)  # what make_caches will allocate
     need = rows * (2 * slots * c.n_kv_heads * c.head_dim * p.element_size() + 8 * max_new_tokens)
     free = available_memory(p.device)
     if need > free:
