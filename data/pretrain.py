@@ -1,6 +1,6 @@
 """Make the embedded default model: a tiny self-attention (SA) LM pretrained from scratch on the synthetic task.
 
-    python data/pretrain.py          # ~7 min on 2 CPU cores (437 s here, 2500 steps); writes data/tiny-sa/
+    python data/pretrain.py          # ~7 min on 2 CPU cores (438 s idle, 2500 steps); writes data/tiny-sa/
     python data/pretrain.py --device cuda --out /tmp/tiny-sa      # the same recipe on a GPU
 
 1. writes a tokenizer.json: byte-level BPE whose merges only join a few words of the task (" so", " left",
@@ -37,7 +37,7 @@ import synth  # noqa: E402
 import tokenizer  # noqa: E402
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-WORDS = ["direct", "step", " by", " step", " so", " left", "boxed", "user", "assistant"]  # one token each
+WORDS = [" so", " left", "boxed", "user", "assistant"]  # one token each: the words of every trace and of ChatML
 
 
 def _bpe(parts: list[str], merges: list[list[str]]) -> list[str]:

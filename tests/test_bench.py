@@ -165,20 +165,20 @@ def test_qwen_shapes_match_published_parameter_counts(name, params):
 
 
 def test_step_bytes_by_hand(tiny):
-    cfg = tiny.cfg  # V 290, D 128, 4 layers, 4 heads, 2 kv heads, head_dim 32, hidden 384, qkv bias, tied
+    cfg = tiny.cfg  # V 280, D 128, 4 layers, 4 heads, 2 kv heads, head_dim 32, hidden 384, qkv bias, tied
     layer = (128 * 128 + 128) + 2 * (128 * 64 + 64) + 128 * 128 + 3 * 128 * 384 + 2 * 128
-    assert bench.param_count(cfg) == 290 * 128 + 4 * layer + 128 == 825_728
+    assert bench.param_count(cfg) == 280 * 128 + 4 * layer + 128 == 824_448
     assert bench.param_count(cfg) == sum(p.numel() for p in tiny.parameters())
     # B 2, C 100, float32: KV per layer = 2 (K, V) * 2 heads * 32 dims * 4 bytes * 2 rows * positions
     assert bench.kv_bytes(cfg, None, 2, 100, 4) == 4 * 2 * 2 * 32 * 4 * 2 * 100 == 409_600
-    assert bench.step_bytes(cfg, None, 2, 100, 4) == 825_728 * 4 + 409_600
-    assert bench.step_bytes(cfg, 16, 2, 100, 4) == 825_728 * 4 + 4 * 2 * 2 * 32 * 4 * 2 * 16
+    assert bench.step_bytes(cfg, None, 2, 100, 4) == 824_448 * 4 + 409_600
+    assert bench.step_bytes(cfg, 16, 2, 100, 4) == 824_448 * 4 + 4 * 2 * 2 * 32 * 4 * 2 * 16
     assert bench.step_bytes(cfg, 512, 2, 100, 4) == bench.step_bytes(cfg, None, 2, 100, 4)  # W > C: no saving
     assert bench.kv_bytes(cfg, [None, 16, None, 16], 2, 100, 2) == 2 * 2 * 2 * 32 * 2 * 2 * (100 + 16)
-    assert bench.predicted_ratio(cfg, 16, 2, 100, 4) == pytest.approx((3_302_912 + 409_600) / (3_302_912 + 65_536))
+    assert bench.predicted_ratio(cfg, 16, 2, 100, 4) == pytest.approx((3_297_792 + 409_600) / (3_297_792 + 65_536))
     untied = dataclasses.replace(cfg, tie_embeddings=False)  # the lookup reads B rows, the lm_head the whole matrix
-    assert bench.param_count(untied) == 825_728 + 290 * 128
-    assert bench.weight_read_bytes(untied, 2, 4) == (825_728 + 2 * 128) * 4
+    assert bench.param_count(untied) == 824_448 + 280 * 128
+    assert bench.weight_read_bytes(untied, 2, 4) == (824_448 + 2 * 128) * 4
 
 
 def test_e2e_rows_repeat_and_kv_bytes_are_what_the_caches_hold(tiny, monkeypatch, capsys):

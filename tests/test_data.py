@@ -180,7 +180,7 @@ def test_shipped_checkpoint_loads_in_transformers():
     import transformers
     hf = transformers.AutoModelForCausalLM.from_pretrained(TINY).eval()
     model, tok = swarr.load(TINY)
-    idx = torch.tensor([tok.encode(tok.chat("3*4+5*2") + "direct:\n3*4=12")])
+    idx = torch.tensor([tok.encode(tok.chat("3*4+5*2") + "3*4=12, left 5*2\n5*2=10 so 12+10=22")])
     with torch.no_grad():
         assert (hf(idx).logits - model(idx)).abs().max() < 1e-4
 
