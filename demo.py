@@ -9,7 +9,8 @@ and one synthetic task (data/synth.py: sums of products, whose SFT traces are wr
   3. SWARR           2, then on-policy REINFORCE, reward = correctness         (train_rl.run)
   4. more SFT        2, then as many more SFT sequences as RL samples          (train_sft.run)
   5. rejection       2's own samples, as many as RL draws, at RL's temperature, on RL's prompts, kept when the
-     sampling        same reward accepts them, then fine-tuned on for as many sequences as RL samples (train_sft.run)
+     sampling        same reward accepts them, then fine-tuned on for as many sequences as RL samples (train_sft.run);
+                     with --rejection-rounds R, the same budget in R rounds, each sampling from the last round's model
   6. ceiling         2, then as many SFT sequences of traces that restate at every line (what a trajectory that
                      always stays near can reach inside the window)
 and evaluates every row on held-out problems never seen in training (swarr.evaluate): greedy, and at T = 1
@@ -86,6 +87,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sft-steps", type=int, default=SFT["steps"])
     p.add_argument("--rl-steps", type=int, default=None, help=f"default {RL['steps']}, --quick {QUICK_RL['steps']}")
     p.add_argument("--rl-lr", type=float, default=None, help=f"default {RL['lr']:g}, --quick {QUICK_RL['lr']:g}")
+    p.add_argument("--rejection-rounds", type=int, default=1,
+                   help="iterated rejection sampling: RL's samples and sequences split over this many rounds, each "
+                        "sampling from the model the last round fine-tuned (default 1: one filter of SWA + SFT)")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--context", type=int, default=32768, help="context of the decode speed / KV memory comparison")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -185,15 +189,14 @@ def rl(model, tok, problems, tests, args, log, restates: list):
     return train_rl.run(a, model, tok, problems, [], watched, log=log, history=log.history)
 
 
-def rejection_samples(model, tok, problems, args) -> tuple[list, dict]:
-    """RL's sampling without its updates: the same prompts RL sees step by step (train_rl.pick), as many samples
-    per prompt, at RL's temperature, from the model RL starts from; kept when `reward` accepts them.
+def rejection_samples(model, tok, problems, args, steps: range) -> tuple[list, dict]:
+    """RL's sampling without its updates: the prompts RL sees at `steps` (train_rl.pick), as many samples per
+    prompt, at RL's temperature, with RL's sampling seeds; kept when `reward` accepts them.
     Returns (the kept (prompt, response) pairs, counts)."""
-    steps, _ = rl_settings(args)
     P, G = RL["prompts"], RL["group"]
     eot = train_sft.end_of_turn(tok, model.cfg)
     kept, drawn = [], 0
-    for step in range(steps):
+    for step in steps:
         batch = [problems[i] for i in train_rl.pick(len(problems), P, step, args.seed)]
         for s in train_rl.rollout(model, tok, batch, G, RL["temperature"], args.max_new_tokens,
                                   seed=train_rl.sample_seeds(args.seed, step, range(P))):
@@ -338,9 +341,11 @@ def report(res: dict) -> str:
              f"{res['device']} ({torch.get_num_threads()} threads).", ""]
     lines += row_table(res["rows"], W)
     rs = res["rejection"]
+    source = ("from SWA + SFT" if rs.get("rounds", 1) == 1 else
+              f"in {rs['rounds']} rounds, each from the model the round before fine-tuned (the first from SWA + SFT),")
     lines += ["", f"Budgets: RL sampled {b['rl_samples']} completions ({res['rl_steps']} steps x {RL['prompts']} "
               f"prompts "
-              f"x {RL['group']}) and trained on all of them. Rejection sampling drew {rs['drawn']} from SWA + SFT on "
+              f"x {RL['group']}) and trained on all of them. Rejection sampling drew {rs['drawn']} {source} on "
               f"the same prompts at T = {RL['temperature']:g}, kept {rs['kept']} that the same reward accepts, and "
               f"fine-tuned on {b['sequences']} sequences ({b['sft_steps']} steps of {SFT['batch']}); more SFT and the "
               f"ceiling fine-tuned on as many sequences of their data.", ""]
@@ -421,6 +426,10 @@ def check_args(args) -> list[int]:
             raise swarr.SwarrError(f"{flag} must be at least 1, got {v}")
     if not 0 <= args.rate <= 1:
         raise swarr.SwarrError(f"--rate must be between 0 and 1, got {args.rate}")
+    steps, n_sft = rl_settings(args)[0], budget(args)["sft_steps"]
+    if not 1 <= args.rejection_rounds <= min(steps, n_sft):
+        raise swarr.SwarrError(f"--rejection-rounds must be between 1 and {min(steps, n_sft)} (RL steps "
+                               f"{steps}, control SFT steps {n_sft}), got {args.rejection_rounds}")
     if args.rl_lr is not None and not args.rl_lr > 0:
         raise swarr.SwarrError(f"--rl-lr must be positive, got {args.rl_lr}")
     if args.data and not os.path.isfile(args.data):
@@ -451,15 +460,19 @@ def window_rows(swa_base, tok, data, args, window, log, stages, save_to=None) ->
     stage(SWARR, lambda: rl(copy.deepcopy(swa), tok, problems, tests, args, log, restates))
     rl_events = log.history[first:]
     stage(MORE, lambda: sft(copy.deepcopy(swa), tok, pairs, args, window, b["sft_steps"], args.seed + 1, log))
-    rs = {}
+    rs = dict(drawn=0, kept=0, rounds=args.rejection_rounds)
 
-    def rejection():
-        kept, counts = rejection_samples(swa, tok, problems, args)
-        rs.update(counts)
-        print(f"  rejection sampling: {counts['kept']} of {counts['drawn']} samples accepted by the reward", flush=True)
-        if not kept:  # nothing to learn from: the row is SWA + SFT itself
-            return copy.deepcopy(swa)
-        return sft(copy.deepcopy(swa), tok, kept, args, window, b["sft_steps"], args.seed + 1, log)
+    def rejection():  # round r samples RL's steps r*S/R .. and fine-tunes for its share of the sequences
+        model, R, S, n_sft = swa, args.rejection_rounds, rl_settings(args)[0], b["sft_steps"]
+        for r in range(R):
+            kept, counts = rejection_samples(model, tok, problems, args, range(r * S // R, (r + 1) * S // R))
+            rs["drawn"], rs["kept"] = rs["drawn"] + counts["drawn"], rs["kept"] + counts["kept"]
+            print(f"  rejection sampling{f' round {r + 1}/{R}' if R > 1 else ''}: {counts['kept']} of "
+                  f"{counts['drawn']} samples accepted by the reward", flush=True)
+            if kept:  # with nothing kept there is nothing to learn from: the model stays as it was
+                model = sft(copy.deepcopy(model), tok, kept, args, window, (r + 1) * n_sft // R - r * n_sft // R,
+                            args.seed + 1 + r, log)
+        return copy.deepcopy(model) if model is swa else model
 
     stage(REJECT, rejection)
     if ceiling:
@@ -556,7 +569,8 @@ def sweep_report(res: dict) -> str:
     lines = [f"# SWARR demo, window sweep: seed {a['seed']}, SFT restatement rate {a['rate']:g} per line, "
              f"{a['split']} split", "",
              f"{res['sa']['n']} held-out problems; greedy / T = 1 ({a['samples']} samples per problem). "
-             f"Wall time {res['wall_s']:.0f} s on {res['device']} ({torch.get_num_threads()} threads).", "",
+             + (f"Rejection sampling in {a['rejection_rounds']} rounds. " if a.get("rejection_rounds", 1) > 1 else "")
+             + f"Wall time {res['wall_s']:.0f} s on {res['device']} ({torch.get_num_threads()} threads).", "",
              "| W | SA + SFT | SWA + SFT | SWARR | more SFT | rejection sampling | ceiling | SWARR recovers | "
              "RL collapsed |", "|---|---|---|---|---|---|---|---|---|"]
     for w, r in res["windows"].items():

@@ -32,6 +32,8 @@ def cli(*args):
     (["--rate", "1.5"], "--rate"),
     (["--sweep", "--windows", "24,x"], "--windows"),
     (["--sweep", "--windows", "24,0"], "window"),
+    (["--rejection-rounds", "0"], "--rejection-rounds"),
+    (["--quick", "--rejection-rounds", "21"], "--rejection-rounds"),  # more rounds than --quick's 20 RL steps
 ])
 def test_bad_input_is_one_error_line(args, words, tmp_path):
     r = cli(*args, "--out", str(tmp_path / "out"))
@@ -160,6 +162,44 @@ def test_controls_get_exactly_rls_budget(monkeypatch, tmp_path):
     assert len(controls) == 2 + (res["rejection"]["kept"] > 0)
     assert all(c["steps"] * c["batch"] == 2 * P * G and c["window"] == 40 for c in controls)
     assert [r["row"] for r in res["rows"]] == [demo.SA, demo.SWA, demo.SWARR, demo.MORE, demo.REJECT, demo.CEIL]
+
+
+def test_iterated_rejection_sampling_keeps_rls_budget(monkeypatch, tmp_path):
+    """--rejection-rounds 2: round 1 samples RL's first step from SWA + SFT, round 2 RL's second step from the model
+    round 1 fine-tuned; together they draw RL's samples and fine-tune on RL's count of sequences."""
+    events, real_rollout, real_sft = [], train_rl.rollout, train_sft.run
+
+    def spy_rollout(model, tok, problems, group_size, temperature, max_new_tokens, seed):
+        out = real_rollout(model, tok, problems, group_size, temperature, max_new_tokens, seed)
+        for s in out:
+            s["truncated"] = False  # so that every sample can be kept: the test is about who samples what
+        events.append(("rollout", model, [p["prompt"] for p in problems], seed))
+        return out
+
+    def spy_sft(args, model, tok, train, *a, **kw):
+        out = real_sft(args, model, tok, train, *a, **kw)
+        events.append(("sft", out, args.max_steps * args.batch_size, len(train)))
+        return out
+
+    monkeypatch.setattr(train_rl, "rollout", spy_rollout)
+    monkeypatch.setattr(train_sft, "run", spy_sft)
+    monkeypatch.setattr(demo, "reward", lambda completion, problem: 1.0)  # every sample accepted
+    res = demo.run(demo.parser().parse_args(
+        ["--n-train", "64", "--n-test", "4", "--samples", "1", "--sft-steps", "2", "--rl-steps", "2",
+         "--max-new-tokens", "6", "--context", "256", "--rejection-rounds", "2", "--out", str(tmp_path / "out")]))
+    P, G = demo.RL["prompts"], demo.RL["group"]
+    # order: SA sft, SWA sft, RL's 2 rollouts, more-SFT sft, then round 1 (rollout, sft), round 2 (rollout, sft)
+    kinds = [e[0] for e in events]
+    assert kinds[:6] == ["sft", "sft", "rollout", "rollout", "sft", "rollout"], kinds
+    swa, rl_rollouts = events[1][1], events[2:4]
+    r1, s1, r2, s2 = events[5:9]
+    assert (r1[0], s1[0], r2[0], s2[0]) == ("rollout", "sft", "rollout", "sft")
+    assert [r1[2], r2[2]] == [e[2] for e in rl_rollouts] and [r1[3], r2[3]] == [e[3] for e in rl_rollouts]
+    assert r1[1] is swa and r2[1] is s1[1]  # round 1 samples from SWA + SFT, round 2 from what round 1 tuned
+    assert s1[3] == s2[3] == P * G  # each round fine-tunes on its own round's kept samples
+    assert s1[2] + s2[2] == 2 * P * G == res["budget"]["sequences"]
+    assert res["rejection"] == dict(drawn=2 * P * G, kept=2 * P * G, rounds=2)
+    assert "in 2 rounds" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_quick_run_reproduces_the_finding(tmp_path):
