@@ -192,18 +192,23 @@ def rl(model, tok, problems, tests, args, log, restates: list):
 def rejection_samples(model, tok, problems, args, steps: range) -> tuple[list, dict]:
     """RL's sampling without its updates: the prompts RL sees at `steps` (train_rl.pick), as many samples per
     prompt, at RL's temperature, with RL's sampling seeds; kept when `reward` accepts them.
-    Returns (the kept (prompt, response) pairs, counts)."""
+    Returns (the kept (prompt, response) pairs, counts); the counts include [restating lines, lines] of all the
+    drawn samples and of the kept ones (synth.restate_counts), so the report can say what the filter selected."""
     P, G = RL["prompts"], RL["group"]
     eot = train_sft.end_of_turn(tok, model.cfg)
-    kept, drawn = [], 0
+    kept, drawn, lines = [], 0, dict(drawn_lines=[0, 0], kept_lines=[0, 0])
     for step in steps:
         batch = [problems[i] for i in train_rl.pick(len(problems), P, step, args.seed)]
         for s in train_rl.rollout(model, tok, batch, G, RL["temperature"], args.max_new_tokens,
                                   seed=train_rl.sample_seeds(args.seed, step, range(P))):
             drawn += 1
-            if reward(s["text"], s["problem"]) == 1 and not s["truncated"]:
+            counts = synth.restate_counts(s["text"])
+            ok = reward(s["text"], s["problem"]) == 1 and not s["truncated"]
+            for key in ("drawn_lines", "kept_lines") if ok else ("drawn_lines",):
+                lines[key] = [lines[key][0] + counts[0], lines[key][1] + counts[1]]
+            if ok:
                 kept.append((s["problem"]["prompt"], s["text"] + eot))
-    return kept, dict(drawn=drawn, kept=len(kept))
+    return kept, dict(drawn=drawn, kept=len(kept), **lines)
 
 
 class Log:
@@ -303,6 +308,14 @@ def checks(res: dict) -> dict:
 write = swarr.write_text_atomic  # reports are replaced whole or not at all
 
 
+def selected(rs: dict) -> str:
+    """What rejection sampling's filter selected: the restatement rate of the kept samples against all drawn
+    ("" when the samples have no working lines to count, as on --data)."""
+    rate = lambda key: rs[key][0] / max(1, rs[key][1])
+    return (f" (their lines restate {rate('kept_lines'):.2f} of the time, all {rs['drawn']} drawn "
+            f"{rate('drawn_lines'):.2f})") if rs.get("drawn_lines", [0, 0])[1] else ""
+
+
 def fmt(x, spec=".3f"):
     return "n/a" if x is None else format(x, spec)
 
@@ -346,7 +359,8 @@ def report(res: dict) -> str:
     lines += ["", f"Budgets: RL sampled {b['rl_samples']} completions ({res['rl_steps']} steps x {RL['prompts']} "
               f"prompts "
               f"x {RL['group']}) and trained on all of them. Rejection sampling drew {rs['drawn']} {source} on "
-              f"the same prompts at T = {RL['temperature']:g}, kept {rs['kept']} that the same reward accepts, and "
+              f"the same prompts at T = {RL['temperature']:g}, kept {rs['kept']} that the same reward accepts"
+              f"{selected(rs)}, and "
               f"fine-tuned on {b['sequences']} sequences ({b['sft_steps']} steps of {SFT['batch']}); more SFT and the "
               f"ceiling fine-tuned on as many sequences of their data.", ""]
     if "sft_traces" in res:
@@ -460,13 +474,15 @@ def window_rows(swa_base, tok, data, args, window, log, stages, save_to=None) ->
     stage(SWARR, lambda: rl(copy.deepcopy(swa), tok, problems, tests, args, log, restates))
     rl_events = log.history[first:]
     stage(MORE, lambda: sft(copy.deepcopy(swa), tok, pairs, args, window, b["sft_steps"], args.seed + 1, log))
-    rs = dict(drawn=0, kept=0, rounds=args.rejection_rounds)
+    rs = dict(drawn=0, kept=0, drawn_lines=[0, 0], kept_lines=[0, 0], rounds=args.rejection_rounds)
 
     def rejection():  # round r samples RL's steps r*S/R .. and fine-tunes for its share of the sequences
         model, R, S, n_sft = swa, args.rejection_rounds, rl_settings(args)[0], b["sft_steps"]
         for r in range(R):
             kept, counts = rejection_samples(model, tok, problems, args, range(r * S // R, (r + 1) * S // R))
-            rs["drawn"], rs["kept"] = rs["drawn"] + counts["drawn"], rs["kept"] + counts["kept"]
+            for key in ("drawn", "kept"):
+                rs[key] += counts[key]
+                rs[f"{key}_lines"] = [a + b for a, b in zip(rs[f"{key}_lines"], counts[f"{key}_lines"])]
             print(f"  rejection sampling{f' round {r + 1}/{R}' if R > 1 else ''}: {counts['kept']} of "
                   f"{counts['drawn']} samples accepted by the reward", flush=True)
             if kept:  # with nothing kept there is nothing to learn from: the model stays as it was
@@ -580,7 +596,9 @@ def sweep_report(res: dict) -> str:
                      f"{cell(CEIL)} | {fmt(recovered(by, SWARR), '.0%')} | {'YES' if r['collapse'] else 'no'} |")
     lines += ["", "![accuracy against the window](sweep.svg)", ""]
     for w, r in res["windows"].items():
-        lines += [f"## W = {w}", ""] + row_table(r["rows"], int(w)) + [""]
+        rs = r["rejection"]
+        lines += [f"## W = {w}", ""] + row_table(r["rows"], int(w)) + [
+            "", f"Rejection sampling kept {rs['kept']} of {rs['drawn']} samples{selected(rs)}.", ""]
     return "\n".join(lines)
 
 

@@ -198,8 +198,31 @@ def test_iterated_rejection_sampling_keeps_rls_budget(monkeypatch, tmp_path):
     assert r1[1] is swa and r2[1] is s1[1]  # round 1 samples from SWA + SFT, round 2 from what round 1 tuned
     assert s1[3] == s2[3] == P * G  # each round fine-tunes on its own round's kept samples
     assert s1[2] + s2[2] == 2 * P * G == res["budget"]["sequences"]
-    assert res["rejection"] == dict(drawn=2 * P * G, kept=2 * P * G, rounds=2)
+    rs = res["rejection"]
+    assert (rs["drawn"], rs["kept"], rs["rounds"]) == (2 * P * G, 2 * P * G, 2)
+    assert rs["kept_lines"] == rs["drawn_lines"]  # everything was kept, so the kept lines are all the lines
     assert "in 2 rounds" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_rejection_samples_counts_what_the_filter_selected(monkeypatch):
+    """Kept: a correct, finished sample; rejected: a wrong answer and a truncated one. The counts give the
+    restating lines of every drawn sample and of the kept ones."""
+    model, tok = swarr.load(demo.DEFAULT_MODEL)
+    p = demo.synth.problems(1, seed=0, terms=(4, 4))[0]
+    problem = {"prompt": tok.chat(p.prompt), "answer": str(p.answer)}
+    wrong = demo.synth.solve(p, [True, False, True]).replace(f"{{{p.answer}}}", f"{{{p.answer + 1}}}")
+    samples = [(demo.synth.solve(p, [True, True, True]), False),   # kept, restates 3 of 3 lines
+               (demo.synth.solve(p, [False, False, False]), False),  # kept, 0 of 3
+               (wrong, False),                                       # wrong answer, 2 of 3
+               (demo.synth.solve(p, [True, True, False]), True)]     # truncated, 2 of 3
+    monkeypatch.setattr(train_rl, "rollout", lambda *a, **kw: [dict(problem=problem, text=t, truncated=tr)
+                                                               for t, tr in samples])
+    args = demo.parser().parse_args(["--quick"])
+    kept, counts = demo.rejection_samples(model, tok, [problem] * 16, args, range(2))
+    eot = train_sft.end_of_turn(tok, model.cfg)
+    assert kept == [(problem["prompt"], t + eot) for t, _ in samples[:2]] * 2
+    assert counts == dict(drawn=8, kept=4, drawn_lines=[2 * 7, 2 * 12], kept_lines=[2 * 3, 2 * 6])
+    assert demo.selected(counts) == " (their lines restate 0.50 of the time, all 8 drawn 0.58)"
 
 
 def test_quick_run_reproduces_the_finding(tmp_path):
