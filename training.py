@@ -23,6 +23,11 @@ import os
 
 import torch
 
+try:
+    import fcntl  # POSIX: an advisory lock the kernel releases when its process ends, however it ends
+except ImportError:  # Windows: the pid written in the lock file decides alone
+    fcntl = None
+
 import distributed
 import grader
 import swarr
@@ -107,7 +112,7 @@ def open_out(args, log=print):
     """Take --out for this run, or refuse with one line before writing anything: a path that is a file or cannot
     be written; a folder holding another run (unless --resume continues it or --overwrite replaces it); a folder
     that contains the input checkpoint --model (training would replace its own input; --overwrite allows it); a
-    folder another live process is writing (out/.lock names its pid; the lock of a dead process is taken over).
+    folder another live process is writing (out/.lock; the lock of a run that has ended is taken over).
     Then an interrupted save is finished or cleaned up (swarr.recover). Under torchrun the processes first join
     each other (distributed.setup); rank 0 takes --out and tells the others whether it could."""
     distributed.setup(args)
@@ -148,9 +153,46 @@ def _take_out(args, log):
                 os.remove(os.path.join(out, f))
 
 
+_HELD: dict[str, int] = {}  # lock path -> this process's open descriptor holding its flock
+
+
 def take_lock(out: str, log=print):
-    """Create out/.lock holding this process's pid; refuse if a live process holds it; take over a dead one's."""
+    """Hold out/.lock for this run, or refuse with the holder's pid. The lock is an exclusive flock on the file,
+    which the kernel drops when the holding process ends, however it ends: a lock file nobody holds was left by a
+    run that has ended and is taken over, and a reused pid cannot keep it. The file names the holder's pid for
+    the error line. Without fcntl the pid alone decides (_take_pid_lock)."""
     lock = os.path.join(out, ".lock")
+    if lock in _HELD:
+        return
+    if fcntl is None:
+        return _take_pid_lock(lock, out, log)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise swarr.SwarrError(f"--out {out} is in use by process {holder} (lock {lock})") from None
+        try:
+            current = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if not current:  # the holder released (removed) the file between our open and our flock: start again
+            os.close(fd)
+            continue
+        old = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        if old:
+            log(f"taking over the lock of process {old}, which has ended ({lock})")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _HELD[lock] = fd
+        return
+
+
+def _take_pid_lock(lock: str, out: str, log):
+    """take_lock where there is no flock: create the file exclusively with this pid; refuse while that pid is
+    alive; take over the lock of a pid that has ended."""
     while True:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -166,7 +208,10 @@ def take_lock(out: str, log=print):
                 raise swarr.SwarrError(f"--out {out} is in use by process {pid} (lock {lock}; delete it if that "
                                        f"process is not training)") from None
             log(f"taking over the lock of process {pid}, which has ended ({lock})")
-            os.remove(lock)
+            try:
+                os.remove(lock)
+            except FileNotFoundError:  # another process took it over first: try again
+                pass
             continue
         with os.fdopen(fd, "w") as f:
             f.write(f"{os.getpid()}\n")
@@ -174,8 +219,17 @@ def take_lock(out: str, log=print):
 
 
 def release_lock(out: str):
-    """Remove out/.lock if this process holds it."""
+    """Remove out/.lock if this process holds it (the file is removed before its flock is dropped, so no other
+    run can take a file that is about to vanish)."""
     lock = os.path.join(out or "", ".lock")
+    if lock in _HELD:
+        fd = _HELD.pop(lock)
+        try:
+            os.remove(lock)
+        except OSError:
+            pass
+        os.close(fd)
+        return
     try:
         with open(lock) as f:
             if f.read().strip() == str(os.getpid()):

@@ -4,6 +4,9 @@ weights are never saved; two runs never write one --out; a run never replaces it
 import json
 import os
 import shutil
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -11,9 +14,11 @@ import torch
 import swarr
 import train_rl
 import train_sft
+import training
 from test_robust import assert_one_error, bad_data, cli
 
 torch.set_num_threads(2)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def snapshot(folder):
@@ -96,22 +101,60 @@ def test_output_folder_refusals(sft_run, tmp_path, capsys, case):
     assert snapshot(out) == before
 
 
-def test_lock_of_a_live_process_refuses_and_a_dead_one_is_taken_over(sft_run, tmp_path, capsys):
+HOLD = """import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.pwrite(fd, f"{os.getpid()}\\n".encode(), 0)
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.skipif(training.fcntl is None, reason="flock is POSIX")
+def test_lock_of_a_live_run_refuses_and_one_that_ended_is_taken_over(sft_run, tmp_path, capsys):
+    """A process holding out/.lock's flock refuses a second run, whose error names it; once it has been killed
+    (its lock file left behind), the next run takes the lock over. A lock file naming a live pid that holds no
+    flock (a pid reused after a crash) does not block either."""
     ckpt, data, out = sft_run
     run = tmp_path / "run"
     shutil.copytree(out, run, symlinks=True)
     before = snapshot(run)
-    (run / ".lock").write_text(f"{os.getppid()}\n")  # a live process (pytest's parent) holds it
-    code, err = cli(capsys, ["--model", ckpt, "--data", data, "--out", str(run), "--resume", "--max-steps", "3"],
-                    train_sft.main)
-    assert_one_error(code, err, "in use by process", str(os.getppid()))
-    assert snapshot(run) == {**before, ".lock": f"{os.getppid()}\n".encode()}
-    (run / ".lock").write_text("999999999\n")  # a process that has ended
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, err = cli(capsys, ["--model", ckpt, "--data", data, "--out", str(run), "--resume", "--max-steps", "3"],
+                        train_sft.main)
+        assert_one_error(code, err, "in use by process", str(holder.pid))
+        assert snapshot(run) == {**before, ".lock": f"{holder.pid}\n".encode()}
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (run / ".lock").read_text() == f"{holder.pid}\n"  # left behind by the killed run
     code, err = cli(capsys, ["--model", ckpt, "--data", data, "--out", str(run), "--resume", "--max-steps", "3",
                              "--eval-every", "0"], train_sft.main)
     assert code == 0, err
     assert json.load(open(run / "model" / "train_config.json"))["step"] == 3
     assert not (run / ".lock").exists()  # released at the end
+    (run / ".lock").write_text(f"{os.getppid()}\n")  # a live pid, but nobody holds the flock
+    code, err = cli(capsys, ["--model", ckpt, "--data", data, "--out", str(run), "--resume", "--max-steps", "4",
+                             "--eval-every", "0"], train_sft.main)
+    assert code == 0, err
+    assert json.load(open(run / "model" / "train_config.json"))["step"] == 4
+
+
+def test_lock_takeover_race_leaves_one_holder(tmp_path):
+    """Processes that find the same abandoned lock file at once: exactly one of them gets the lock."""
+    lock_dir = tmp_path / "out"
+    lock_dir.mkdir()
+    (lock_dir / ".lock").write_text("999999999\n")  # left by a run that has ended
+    script = (f"import sys, time; sys.path.insert(0, {ROOT!r}); import training, swarr\n"
+              f"time.sleep(max(0, {time.time() + 8} - time.time()))  # start together\n\n"
+              f"try:\n    training.take_lock({str(lock_dir)!r}, log=lambda s: None); print('got', flush=True)\n"
+              f"except swarr.SwarrError:\n    print('refused', flush=True)\n"
+              f"time.sleep(1.5)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    results = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
+    assert results == ["got", "refused", "refused", "refused"], results
 
 
 @pytest.mark.parametrize("damage", ["missing", "truncated", "config"])
