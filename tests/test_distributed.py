@@ -210,7 +210,8 @@ def test_resume_with_another_number_of_processes_is_one_error_line(ckpt, tmp_pat
                                                                               "--resume"]), tmp_path, 2)
     for r, p in enumerate(procs):  # rank 0 says why; rank 1 stops with it
         _, err = p.communicate(timeout=RUN_S)
-        assert p.returncode == 2 and "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: ")
+        assert p.returncode == 2 and "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: "), \
+            (p.returncode, err[-2000:])
         assert "--resume:" in err and "trained by 1 process(es)" in err if r == 0 else "rank 0" in err, err[-2000:]
 
 
