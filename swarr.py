@@ -151,6 +151,9 @@ def config_rope(hf: dict, where: str) -> dict:
     for name in ("original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow"):
         if rope.get(name) is not None:
             rope[name] = config_number(rope, name, f"{where}: {key}", kind=float)
+    if (rope.get("attention_factor") or 0) > 16:  # it multiplies q and k, so every logit by its square
+        raise SwarrError(f"{where}: {key}: attention_factor {rope['attention_factor']:g} is not plausible (YaRN's own "
+                         f"is 0.1 ln(factor) + 1; above 16 the attention logits grow over 256x)")
     if rope["rope_type"] == "llama3" and rope["low_freq_factor"] == rope["high_freq_factor"]:
         raise SwarrError(f"{where}: {key}: low_freq_factor and high_freq_factor must differ")
     return rope
