@@ -37,7 +37,6 @@ import copy
 import json
 import math
 import os
-import statistics
 import sys
 import time
 
@@ -146,12 +145,20 @@ def task(args, tok, cfg):
 
 # ---- the rows ----------------------------------------------------------------------------------------------
 def sft(model, tok, pairs, args, window, steps, seed, log):
-    """train_sft.run with the demo's settings; returns the fine-tuned model (trained in place)."""
+    """train_sft.run with the demo's settings; returns the fine-tuned model (trained in place). The warmup is
+    at most a quarter of the steps, so that a short run (a round of iterated rejection sampling) still trains at
+    the full learning rate for most of its steps."""
     a = train_sft.parser().parse_args(
         ["--out", "", "--max-steps", str(steps), "--batch-size", str(SFT["batch"]), "--lr", str(SFT["lr"]),
-         "--warmup", str(SFT["warmup"]), "--min-lr-ratio", "0.1", "--eval-every", "0", "--log-every", "100",
+         "--warmup", str(min(SFT["warmup"], steps // 4)), "--min-lr-ratio", "0.1", "--eval-every", "0", "--log-every", "100",
          "--seed", str(seed), "--device", args.device] + (["--window", str(window)] if window else []))
     return train_sft.run(a, model, tok, pairs, None, log=log, history=log.history)
+
+
+def share(r: int, total: int, rounds: int) -> range:
+    """Round r's part of range(total) split into `rounds` consecutive parts: r*total//rounds .. (r+1)*total//rounds.
+    The parts cover range(total) exactly once, and none is empty when rounds <= total."""
+    return range(r * total // rounds, (r + 1) * total // rounds)
 
 
 def rl_settings(args) -> tuple[int, float]:
@@ -309,9 +316,9 @@ write = swarr.write_text_atomic  # reports are replaced whole or not at all
 
 
 def selected(rs: dict) -> str:
-    """What rejection sampling's filter selected: the restatement rate of the kept samples against all drawn
-    ("" when the samples have no working lines to count, as on --data)."""
-    rate = lambda key: rs[key][0] / max(1, rs[key][1])
+    """What rejection sampling's filter selected on the synthetic task: the restatement rate of the kept samples
+    against all drawn ("" when there are no working lines to count)."""
+    rate = lambda key: rs[key][0] / max(1, rs[key][1])  # noqa: E731
     return (f" (their lines restate {rate('kept_lines'):.2f} of the time, all {rs['drawn']} drawn "
             f"{rate('drawn_lines'):.2f})") if rs.get("drawn_lines", [0, 0])[1] else ""
 
@@ -345,7 +352,7 @@ def row_table(rows: list, W: int) -> list[str]:
 
 def report(res: dict) -> str:
     a, W = res["args"], res["args"]["window"]
-    b, rows = res["budget"], {r["row"]: r for r in res["rows"]}
+    b = res["budget"]
     lines = [f"# SWARR demo: seed {a['seed']}, window W = {W}, SFT restatement rate {a['rate']:g} per line, "
              f"evaluated on the {a['split']} split", "",
              f"Model {os.path.relpath(a['model'])}, data {a['data'] or 'synthetic (data/synth.py)'}. "
@@ -356,13 +363,17 @@ def report(res: dict) -> str:
     rs = res["rejection"]
     source = ("from SWA + SFT" if rs.get("rounds", 1) == 1 else
               f"in {rs['rounds']} rounds, each from the model the round before fine-tuned (the first from SWA + SFT),")
+    planned, tuned = b["sequences"], rs.get("sequences", b["sequences"])
+    tuned_text = (f"{tuned} sequences ({b['sft_steps']} steps of {SFT['batch']}); more SFT and the ceiling "
+                  f"fine-tuned on as many" if tuned == planned else
+                  f"{tuned} sequences, not the {planned} planned (a round that kept nothing does not train); more SFT "
+                  f"and the ceiling fine-tuned on {planned}")
     lines += ["", f"Budgets: RL sampled {b['rl_samples']} completions ({res['rl_steps']} steps x {RL['prompts']} "
               f"prompts "
               f"x {RL['group']}) and trained on all of them. Rejection sampling drew {rs['drawn']} {source} on "
               f"the same prompts at T = {RL['temperature']:g}, kept {rs['kept']} that the same reward accepts"
-              f"{selected(rs)}, and "
-              f"fine-tuned on {b['sequences']} sequences ({b['sft_steps']} steps of {SFT['batch']}); more SFT and the "
-              f"ceiling fine-tuned on as many sequences of their data.", ""]
+              f"{selected(rs) if 'sft_traces' in res else ''}, and fine-tuned on {tuned_text} sequences of their "
+              f"data.", ""]
     if "sft_traces" in res:
         st = res["sft_traces"]
         lines += [f"SFT data: {st['restate_rate']:.2f} of the lines restate; lookback median "
@@ -474,20 +485,21 @@ def window_rows(swa_base, tok, data, args, window, log, stages, save_to=None) ->
     stage(SWARR, lambda: rl(copy.deepcopy(swa), tok, problems, tests, args, log, restates))
     rl_events = log.history[first:]
     stage(MORE, lambda: sft(copy.deepcopy(swa), tok, pairs, args, window, b["sft_steps"], args.seed + 1, log))
-    rs = dict(drawn=0, kept=0, drawn_lines=[0, 0], kept_lines=[0, 0], rounds=args.rejection_rounds)
+    rs = dict(drawn=0, kept=0, drawn_lines=[0, 0], kept_lines=[0, 0], rounds=args.rejection_rounds, sequences=0)
 
-    def rejection():  # round r samples RL's steps r*S/R .. and fine-tunes for its share of the sequences
+    def rejection():
         model, R, S, n_sft = swa, args.rejection_rounds, rl_settings(args)[0], b["sft_steps"]
-        for r in range(R):
-            kept, counts = rejection_samples(model, tok, problems, args, range(r * S // R, (r + 1) * S // R))
+        for r in range(R):  # round r: RL's steps share(r, S) sampled, then share(r, n_sft) SFT steps on what was kept
+            kept, counts = rejection_samples(model, tok, problems, args, share(r, S, R))
             for key in ("drawn", "kept"):
                 rs[key] += counts[key]
-                rs[f"{key}_lines"] = [a + b for a, b in zip(rs[f"{key}_lines"], counts[f"{key}_lines"])]
+                rs[f"{key}_lines"] = [x + y for x, y in zip(rs[f"{key}_lines"], counts[f"{key}_lines"])]
             print(f"  rejection sampling{f' round {r + 1}/{R}' if R > 1 else ''}: {counts['kept']} of "
                   f"{counts['drawn']} samples accepted by the reward", flush=True)
             if kept:  # with nothing kept there is nothing to learn from: the model stays as it was
-                model = sft(copy.deepcopy(model), tok, kept, args, window, (r + 1) * n_sft // R - r * n_sft // R,
-                            args.seed + 1 + r, log)
+                steps = len(share(r, n_sft, R))
+                model = sft(copy.deepcopy(model), tok, kept, args, window, steps, args.seed + 1 + r, log)
+                rs["sequences"] += steps * SFT["batch"]
         return copy.deepcopy(model) if model is swa else model
 
     stage(REJECT, rejection)
@@ -598,7 +610,8 @@ def sweep_report(res: dict) -> str:
     for w, r in res["windows"].items():
         rs = r["rejection"]
         lines += [f"## W = {w}", ""] + row_table(r["rows"], int(w)) + [
-            "", f"Rejection sampling kept {rs['kept']} of {rs['drawn']} samples{selected(rs)}.", ""]
+            "", f"Rejection sampling kept {rs['kept']} of {rs['drawn']} samples"
+                f"{selected(rs) if 'sft_traces' in res else ''}.", ""]
     return "\n".join(lines)
 
 

@@ -224,9 +224,11 @@ def run_cli(fn, *args):
     except SystemExit as e:  # bad input: the error line is out. Leave without tearing the process group down: the
         if world() == 1:     # others stop at the same moment, and a teardown racing theirs can abort (SIGABRT)
             raise
+        if e.code is not None and not isinstance(e.code, int):
+            print(e.code, file=sys.stderr)  # what sys.exit("message") would have printed
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(e.code if isinstance(e.code, int) else 1)
+        os._exit(0 if e.code is None else e.code if isinstance(e.code, int) else 1)
     except RuntimeError as e:  # (dist.DistError is one; gloo's errors inside DDP's hook arrive as plain ones)
         lost = isinstance(e, dist.DistError) or any(w in str(e) for w in ("gloo", "NCCL", "Connection", "imed out"))
         if world() == 1 or not lost:

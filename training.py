@@ -167,7 +167,10 @@ def take_lock(out: str, log=print):
     if fcntl is None:
         return _take_pid_lock(lock, out, log)
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # a folder named .lock, a lock file this user may not write
+            raise swarr.SwarrError(f"--out {out}: cannot lock {lock}: {e.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -181,18 +184,23 @@ def take_lock(out: str, log=print):
         if not current:  # the holder released (removed) the file between our open and our flock: start again
             os.close(fd)
             continue
-        old = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        try:
+            old = os.pread(fd, 64, 0).decode(errors="replace").strip()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as e:  # a full disk: let the lock go rather than hold it unnamed
+            os.close(fd)
+            raise swarr.SwarrError(f"--out {out}: cannot write {lock}: {e.strerror}") from None
         if old:
             log(f"taking over the lock of process {old}, which has ended ({lock})")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         _HELD[lock] = fd
         return
 
 
 def _take_pid_lock(lock: str, out: str, log):
-    """take_lock where there is no flock: create the file exclusively with this pid; refuse while that pid is
-    alive; take over the lock of a pid that has ended."""
+    """take_lock where there is no flock, as best it can: create the file exclusively with this pid; refuse while
+    that pid is alive; take over the lock of a pid that has ended. Two runs taking over the same abandoned lock at
+    the same instant can both win here, which the flock above rules out."""
     while True:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -229,6 +237,8 @@ def release_lock(out: str):
         except OSError:
             pass
         os.close(fd)
+        return
+    if fcntl is not None:  # a process that holds no flock holds no lock, whatever pid the file names
         return
     try:
         with open(lock) as f:

@@ -143,7 +143,8 @@ def test_controls_get_exactly_rls_budget(monkeypatch, tmp_path):
         return out
 
     def spy_sft(args, model, tok, train, *a, **kw):
-        sft_calls.append(dict(steps=args.max_steps, batch=args.batch_size, n=len(train), window=args.window))
+        sft_calls.append(dict(steps=args.max_steps, batch=args.batch_size, n=len(train), window=args.window,
+                              seed=args.seed))
         return real_sft(args, model, tok, train, *a, **kw)
 
     monkeypatch.setattr(train_rl, "rollout", spy_rollout)
@@ -160,7 +161,7 @@ def test_controls_get_exactly_rls_budget(monkeypatch, tmp_path):
     # SA, SWA, then more SFT, rejection sampling (if it kept anything) and the ceiling: RL's count of sequences
     controls = sft_calls[2:]
     assert len(controls) == 2 + (res["rejection"]["kept"] > 0)
-    assert all(c["steps"] * c["batch"] == 2 * P * G and c["window"] == 40 for c in controls)
+    assert all(c["steps"] * c["batch"] == 2 * P * G and c["window"] == 40 and c["seed"] == 1 for c in controls)
     assert [r["row"] for r in res["rows"]] == [demo.SA, demo.SWA, demo.SWARR, demo.MORE, demo.REJECT, demo.CEIL]
 
 
@@ -178,7 +179,7 @@ def test_iterated_rejection_sampling_keeps_rls_budget(monkeypatch, tmp_path):
 
     def spy_sft(args, model, tok, train, *a, **kw):
         out = real_sft(args, model, tok, train, *a, **kw)
-        events.append(("sft", out, args.max_steps * args.batch_size, len(train)))
+        events.append(("sft", out, args.max_steps * args.batch_size, len(train), args.seed))
         return out
 
     monkeypatch.setattr(train_rl, "rollout", spy_rollout)
@@ -197,11 +198,20 @@ def test_iterated_rejection_sampling_keeps_rls_budget(monkeypatch, tmp_path):
     assert [r1[2], r2[2]] == [e[2] for e in rl_rollouts] and [r1[3], r2[3]] == [e[3] for e in rl_rollouts]
     assert r1[1] is swa and r2[1] is s1[1]  # round 1 samples from SWA + SFT, round 2 from what round 1 tuned
     assert s1[3] == s2[3] == P * G  # each round fine-tunes on its own round's kept samples
-    assert s1[2] + s2[2] == 2 * P * G == res["budget"]["sequences"]
+    assert s1[2] == s2[2] == P * G and s1[2] + s2[2] == res["budget"]["sequences"]  # half of RL's count each
+    assert (s1[4], s2[4]) == (1, 2)  # round r fine-tunes with seed + r (seed 0 here)
     rs = res["rejection"]
     assert (rs["drawn"], rs["kept"], rs["rounds"]) == (2 * P * G, 2 * P * G, 2)
     assert rs["kept_lines"] == rs["drawn_lines"]  # everything was kept, so the kept lines are all the lines
     assert "in 2 rounds" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_rounds_share_a_budget_exactly():
+    for total in (1, 7, 20, 40, 160):
+        for rounds in range(1, total + 1):
+            parts = [demo.share(r, total, rounds) for r in range(rounds)]
+            assert [i for p in parts for i in p] == list(range(total)) and all(len(p) > 0 for p in parts)
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
 
 
 def test_rejection_samples_counts_what_the_filter_selected(monkeypatch):

@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -142,19 +141,60 @@ def test_lock_of_a_live_run_refuses_and_one_that_ended_is_taken_over(sft_run, tm
     assert json.load(open(run / "model" / "train_config.json"))["step"] == 4
 
 
+RACER = """import sys
+sys.path.insert(0, sys.argv[1])
+import swarr, training
+print("ready", flush=True)
+sys.stdin.readline()  # "go": every racer has imported and waits here
+try:
+    training.take_lock(sys.argv[2], log=lambda s: None)
+    print("got", flush=True)
+except swarr.SwarrError:
+    print("refused", flush=True)
+sys.stdin.read()  # hold on to what it got until the test has every answer
+"""
+
+
+@pytest.mark.skipif(training.fcntl is None, reason="flock is POSIX")
 def test_lock_takeover_race_leaves_one_holder(tmp_path):
-    """Processes that find the same abandoned lock file at once: exactly one of them gets the lock."""
-    lock_dir = tmp_path / "out"
-    lock_dir.mkdir()
-    (lock_dir / ".lock").write_text("999999999\n")  # left by a run that has ended
-    script = (f"import sys, time; sys.path.insert(0, {ROOT!r}); import training, swarr\n"
-              f"time.sleep(max(0, {time.time() + 8} - time.time()))  # start together\n\n"
-              f"try:\n    training.take_lock({str(lock_dir)!r}, log=lambda s: None); print('got', flush=True)\n"
-              f"except swarr.SwarrError:\n    print('refused', flush=True)\n"
-              f"time.sleep(1.5)\n")
-    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) for _ in range(4)]
-    results = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
+    """Processes that find the same abandoned lock file at the same moment: exactly one of them gets the lock."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".lock").write_text("999999999\n")  # left by a run that has ended
+    procs = [subprocess.Popen([sys.executable, "-c", RACER, ROOT, str(out)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    try:
+        assert all(p.stdout.readline().strip() == "ready" for p in procs)
+        for p in procs:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        results = sorted(p.stdout.readline().strip() for p in procs)
+    finally:
+        for p in procs:
+            p.stdin.close()
+            p.wait(timeout=60)
     assert results == ["got", "refused", "refused", "refused"], results
+
+
+def test_lock_without_flock_decides_by_pid(tmp_path, monkeypatch):
+    """Where fcntl is missing: a live pid's lock refuses, an ended one's is taken over, and release removes it."""
+    monkeypatch.setattr(training, "fcntl", None)
+    (tmp_path / ".lock").write_text(f"{os.getppid()}\n")
+    with pytest.raises(swarr.SwarrError, match=f"in use by process {os.getppid()}"):
+        training.take_lock(str(tmp_path), log=lambda s: None)
+    (tmp_path / ".lock").write_text("999999999\n")
+    said = []
+    training.take_lock(str(tmp_path), log=said.append)
+    assert (tmp_path / ".lock").read_text() == f"{os.getpid()}\n" and "999999999" in said[0]
+    training.release_lock(str(tmp_path))
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_a_lock_that_cannot_be_opened_is_one_line(tmp_path):
+    (tmp_path / ".lock").mkdir()  # a folder where the lock file goes
+    with pytest.raises(swarr.SwarrError, match="cannot lock"):
+        training.take_lock(str(tmp_path), log=lambda s: None)
+    assert str(tmp_path) not in {os.path.dirname(k) for k in training._HELD}
 
 
 @pytest.mark.parametrize("damage", ["missing", "truncated", "config"])
