@@ -150,8 +150,8 @@ def sft(model, tok, pairs, args, window, steps, seed, log):
     the full learning rate for most of its steps."""
     a = train_sft.parser().parse_args(
         ["--out", "", "--max-steps", str(steps), "--batch-size", str(SFT["batch"]), "--lr", str(SFT["lr"]),
-         "--warmup", str(min(SFT["warmup"], steps // 4)), "--min-lr-ratio", "0.1", "--eval-every", "0", "--log-every", "100",
-         "--seed", str(seed), "--device", args.device] + (["--window", str(window)] if window else []))
+         "--warmup", str(min(SFT["warmup"], steps // 4)), "--min-lr-ratio", "0.1", "--eval-every", "0",
+         "--log-every", "100", "--seed", str(seed), "--device", args.device] + (["--window", str(window)] if window else []))
     return train_sft.run(a, model, tok, pairs, None, log=log, history=log.history)
 
 
@@ -203,19 +203,23 @@ def rejection_samples(model, tok, problems, args, steps: range) -> tuple[list, d
     drawn samples and of the kept ones (synth.restate_counts), so the report can say what the filter selected."""
     P, G = RL["prompts"], RL["group"]
     eot = train_sft.end_of_turn(tok, model.cfg)
-    kept, drawn, lines = [], 0, dict(drawn_lines=[0, 0], kept_lines=[0, 0])
+    kept, drawn_lines, kept_lines = [], [], []
     for step in steps:
         batch = [problems[i] for i in train_rl.pick(len(problems), P, step, args.seed)]
         for s in train_rl.rollout(model, tok, batch, G, RL["temperature"], args.max_new_tokens,
                                   seed=train_rl.sample_seeds(args.seed, step, range(P))):
-            drawn += 1
-            counts = synth.restate_counts(s["text"])
-            ok = reward(s["text"], s["problem"]) == 1 and not s["truncated"]
-            for key in ("drawn_lines", "kept_lines") if ok else ("drawn_lines",):
-                lines[key] = [lines[key][0] + counts[0], lines[key][1] + counts[1]]
-            if ok:
+            drawn_lines.append(synth.restate_counts(s["text"]))
+            if reward(s["text"], s["problem"]) == 1 and not s["truncated"]:
                 kept.append((s["problem"]["prompt"], s["text"] + eot))
-    return kept, dict(drawn=drawn, kept=len(kept), **lines)
+                kept_lines.append(drawn_lines[-1])
+    return kept, dict(drawn=len(drawn_lines), kept=len(kept), drawn_lines=pair_sum(drawn_lines),
+                      kept_lines=pair_sum(kept_lines))
+
+
+def pair_sum(pairs) -> list[int]:
+    """[sum of the first items, sum of the second items], e.g. of (restating lines, lines) counts."""
+    pairs = list(pairs)
+    return [sum(a for a, _ in pairs), sum(b for _, b in pairs)]
 
 
 class Log:
@@ -451,10 +455,10 @@ def check_args(args) -> list[int]:
             raise swarr.SwarrError(f"{flag} must be at least 1, got {v}")
     if not 0 <= args.rate <= 1:
         raise swarr.SwarrError(f"--rate must be between 0 and 1, got {args.rate}")
-    steps, n_sft = rl_settings(args)[0], budget(args)["sft_steps"]
-    if not 1 <= args.rejection_rounds <= min(steps, n_sft):
-        raise swarr.SwarrError(f"--rejection-rounds must be between 1 and {min(steps, n_sft)} (RL steps "
-                               f"{steps}, control SFT steps {n_sft}), got {args.rejection_rounds}")
+    steps = rl_settings(args)[0]  # every round samples at least one RL step (and fine-tunes 4 x as many)
+    if not 1 <= args.rejection_rounds <= steps:
+        raise swarr.SwarrError(f"--rejection-rounds must be between 1 and the RL steps ({steps}), "
+                               f"got {args.rejection_rounds}")
     if args.rl_lr is not None and not args.rl_lr > 0:
         raise swarr.SwarrError(f"--rl-lr must be positive, got {args.rl_lr}")
     if args.data and not os.path.isfile(args.data):
@@ -485,21 +489,22 @@ def window_rows(swa_base, tok, data, args, window, log, stages, save_to=None) ->
     stage(SWARR, lambda: rl(copy.deepcopy(swa), tok, problems, tests, args, log, restates))
     rl_events = log.history[first:]
     stage(MORE, lambda: sft(copy.deepcopy(swa), tok, pairs, args, window, b["sft_steps"], args.seed + 1, log))
-    rs = dict(drawn=0, kept=0, drawn_lines=[0, 0], kept_lines=[0, 0], rounds=args.rejection_rounds, sequences=0)
+    rs = dict(rounds=args.rejection_rounds, sequences=0)
 
     def rejection():
         model, R, S, n_sft = swa, args.rejection_rounds, rl_settings(args)[0], b["sft_steps"]
+        rounds = []
         for r in range(R):  # round r: RL's steps share(r, S) sampled, then share(r, n_sft) SFT steps on what was kept
             kept, counts = rejection_samples(model, tok, problems, args, share(r, S, R))
-            for key in ("drawn", "kept"):
-                rs[key] += counts[key]
-                rs[f"{key}_lines"] = [x + y for x, y in zip(rs[f"{key}_lines"], counts[f"{key}_lines"])]
+            rounds.append(counts)
             print(f"  rejection sampling{f' round {r + 1}/{R}' if R > 1 else ''}: {counts['kept']} of "
                   f"{counts['drawn']} samples accepted by the reward", flush=True)
             if kept:  # with nothing kept there is nothing to learn from: the model stays as it was
                 steps = len(share(r, n_sft, R))
                 model = sft(copy.deepcopy(model), tok, kept, args, window, steps, args.seed + 1 + r, log)
                 rs["sequences"] += steps * SFT["batch"]
+        rs.update({key: sum(c[key] for c in rounds) for key in ("drawn", "kept")},
+                  **{key: pair_sum(c[key] for c in rounds) for key in ("drawn_lines", "kept_lines")})
         return copy.deepcopy(model) if model is swa else model
 
     stage(REJECT, rejection)

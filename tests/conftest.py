@@ -61,6 +61,16 @@ def make_checkpoint(path: Path, arch: str, seed: int = 0, shard: bool = False, a
     return model
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a test module: tiny models and ops run fastest on one, and two threads spin-waiting on
+    each other on a small shared CPU cost ~10x (measured). Modules opt in with usefixtures("one_thread")."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def ckpts(tmp_path_factory):
     """One checkpoint per architecture, plus a sharded and a tied-embedding one."""

@@ -26,12 +26,7 @@ CONDITIONS = {"cpu": "test", "threads": 1, "torch": "t", "backend": "ext", "shap
               "matmul_gflops": 1.0, "copy_gbs": 1.0}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: one thread is fastest, and immune to other jobs on the machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one torch thread
 
 
 @pytest.fixture(scope="module")
