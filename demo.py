@@ -46,7 +46,7 @@ import bench
 import swarr
 import train_rl
 import train_sft
-import training
+from support import evaluate, training
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "data"))
@@ -131,8 +131,8 @@ def task(args, tok, cfg):
         train, test = training.split_held_out(recs, n_test / len(recs), args.seed)
         train = train[:args.n_train]
         sft = [train_sft.sft_pair(tok, cfg, r) for r in train]
-        problems = [{"prompt": swarr.record_prompt(tok, r), "answer": r["answer"]} for r in train]
-        tests = [{"prompt": swarr.record_prompt(tok, r), "answer": r["answer"]} for r in test]
+        problems = [{"prompt": evaluate.record_prompt(tok, r), "answer": r["answer"]} for r in train]
+        tests = [{"prompt": evaluate.record_prompt(tok, r), "answer": r["answer"]} for r in test]
         return sft, problems, tests, None
     train, test, valid = synth.split(args.n_train, n_test, args.seed, n_valid=n_test)
     held = valid if args.split == "valid" else test
@@ -254,10 +254,10 @@ def trace_stats(tok, prompts: list[str], completions: list[str]) -> dict:
 def measure(model, tok, tests, args, name, window) -> dict:
     """Greedy accuracy and accuracy at T = 1 (--samples per problem) on the held-out problems, each with a 95%
     Wilson interval; for the synthetic task also the restatement rate and lookbacks of those traces."""
-    greedy, rows = swarr.evaluate(model, tok, tests, max_new_tokens=args.max_new_tokens, batch_size=50,
+    greedy, rows = evaluate.evaluate(model, tok, tests, max_new_tokens=args.max_new_tokens, batch_size=50,
                                   seed=args.seed, progress=False)
     k = args.samples
-    sampled, srows = swarr.evaluate(model, tok, tests, max_new_tokens=args.max_new_tokens, batch_size=50,
+    sampled, srows = evaluate.evaluate(model, tok, tests, max_new_tokens=args.max_new_tokens, batch_size=50,
                                     samples=k, temperature=1.0, seed=args.seed + 1, progress=False)
     n, s_acc = greedy["n"], sampled.get("mean_accuracy", sampled["accuracy"])
     out = dict(row=name, window=window, n=n, samples=k, accuracy=greedy["accuracy"],

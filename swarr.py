@@ -27,12 +27,13 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import grader
+from support import grader
 # strict reads and crash-safe writes (re-exported: swarr.SwarrError, swarr.read_json, swarr.recover, ...)
-from safe_io import (SwarrError, check_out_folder, pid_alive, read_json, read_text, recover, write_folder,
+from support.safe_io import (SwarrError, check_out_folder, pid_alive, read_json, read_text, recover, write_folder,
                      write_text_atomic)
 # tokenizer.json (byte-level or SentencePiece BPE) and chat templates
-from tokenizer import Tokenizer
+from support.tokenizer import Tokenizer
+from support.checkpoint import param_count
 
 
 
@@ -320,6 +321,17 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.checkpointing = False  # activation checkpointing per block (training memory vs compute)
+
+    @classmethod
+    def empty(cls, cfg: Config, device="cpu", dtype=torch.float32) -> "Transformer":
+        """The model with uninitialised weights, built on the meta device first (no memory, no random init) and then
+        given storage on `device`: the one way to build a model whose weights are about to be copied in."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.to_empty(device=device).to(dtype)
+        if cfg.tie_embeddings:  # to_empty() gives every parameter its own storage: tie them again
+            model.lm_head.weight = model.model.embed_tokens.weight
+        return model
 
     @property
     def windows(self) -> list:
@@ -727,9 +739,7 @@ def check_size(cfg: Config, files: dict, element_size: int, device, where: str):
     layers = {int(m[1]) for name in files if (m := re.match(r"model\.layers\.(\d+)\.", name))}
     if layers != set(range(cfg.n_layers)):
         raise SwarrError(f"{where}: num_hidden_layers is {cfg.n_layers}, the weights hold {len(layers)} layers")
-    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    per_layer = cfg.dim * (2 * q + 2 * kv) + 3 * cfg.dim * cfg.hidden_dim + 2 * cfg.dim + q + 2 * kv
-    n = cfg.n_layers * per_layer + cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2) + cfg.dim
+    n = param_count(cfg)
     free = available_memory(device)
     if n * element_size > free:
         raise SwarrError(f"{where}: the model has {n:,} parameters ({n * element_size / 2**30:.1f} GiB), more than "
@@ -753,11 +763,7 @@ def load(path: str, dtype=torch.float32, device="cpu") -> tuple[Transformer, Tok
                          f"(the embedding) is {cfg.vocab_size}")
     files = _weight_files(path)
     check_size(cfg, files, torch.empty(0, dtype=dtype).element_size(), device, cfg_path)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model.to_empty(device=device).to(dtype)
-    if cfg.tie_embeddings:  # to_empty() gives every parameter its own storage: tie them again
-        model.lm_head.weight = model.model.embed_tokens.weight
+    model = Transformer.empty(cfg, device, dtype)
     params = dict(model.named_parameters())
     for fn in sorted(set(files.values())):
         def copy_all(f, fn=fn):
@@ -827,101 +833,9 @@ def save(model: Transformer, tok: Tokenizer, path: str, extra_files: dict[str, s
     write_folder(path, write)
 
 
-# =====================================================================================================
-# eval: batched generation + grading, with a summary and one JSONL row per completion
-# =====================================================================================================
-class Progress:
-    """One line per update on stderr: `label done/total  extra  elapsed  ETA`."""
-
-    def __init__(self, label: str, total: int, stream=None):
-        self.label, self.total, self.t0, self.stream = label, total, time.time(), stream or sys.stderr
-
-    def __call__(self, done: int, extra: str = ""):
-        el = time.time() - self.t0
-        eta = el / done * (self.total - done) if done else float("nan")
-        print(f"{self.label} {done}/{self.total}  {extra}  elapsed {el:.0f}s  ETA {eta:.0f}s", file=self.stream, flush=True)
-
-
-def record_prompt(tok: Tokenizer, rec: dict, chat: bool = True, system: str | None = None) -> str:
-    """The prompt text for a record: its own "prompt" if it has one, else the math template in the checkpoint's
-    chat template (after `system`, if given; many templates insert a default system message otherwise)."""
-    if "prompt" in rec:
-        return str(rec["prompt"])  # (a JSON number is a prompt too; the loaders have checked it is a scalar)
-    text = grader.math_prompt(rec["question"])
-    return tok.chat(text, system) if chat else text
-
-
-def majority(answers: list) -> str | None:
-    """The most common answer, counting equivalent answers (is_equiv) as one."""
-    groups: list[list[str]] = []
-    for a in answers:
-        if a is None:
-            continue
-        for g in groups:
-            if grader.is_equiv(g[0], a):
-                g.append(a)
-                break
-        else:
-            groups.append([a])
-    return max(groups, key=len)[0] if groups else None
-
-
-def evaluate(model: Transformer, tok: Tokenizer, records: list[dict], *, max_new_tokens: int = 512,
-             batch_size: int = 16, samples: int = 1, temperature: float = 0.0, top_p: float = 1.0,
-             chat: bool = True, system: str | None = None, seed: int = 0,
-             progress: bool = True) -> tuple[dict, list[dict]]:
-    """Generate `samples` completions per record, grade each, and summarise.
-
-    Returns (summary, rows): summary = {"n", "accuracy" (first sample per problem, pass@1), "mean_accuracy" and
-    "majority_accuracy" (with samples > 1), "mean_length", "truncated", "by_subject", "by_level"}; one row per completion.
-    """
-    was_training = model.training
-    model.eval()
-    stop = tok.stop_ids(model.cfg)
-    texts = [record_prompt(tok, r, chat, system) for r in records]
-    order = sorted(range(len(records)), key=lambda i: len(texts[i]))
-    rows: list[dict] = [None] * (len(records) * samples)
-    show = Progress("eval", len(records)) if progress else None
-    done = 0
-    for b in range(0, len(order), batch_size):
-        idx = order[b:b + batch_size]
-        prompts = [tok.encode(texts[i], add_special_tokens=not chat) for i in idx]  # raw: BOS per tokenizer.json
-        g = generate(model, prompts, max_new_tokens, eos_ids=stop, temperature=temperature, top_p=top_p,
-                     n_samples=samples, seed=seed + b)
-        for r in range(len(idx) * samples):
-            rec = records[idx[r // samples]]
-            n = int(g.lengths[r])
-            text = tok.decode([t for t in g.tokens[r, :n].tolist() if t not in stop])
-            verdict = grader.grade_detail(text, rec["answer"])  # the RL reward's verdict, with the answer it read
-            rows[idx[r // samples] * samples + r % samples] = dict(
-                id=rec.get("id", idx[r // samples]), sample=r % samples, question=rec.get("question", rec.get("prompt")),
-                gold=rec["answer"], completion=text, extracted=verdict.pred, correct=verdict.correct,
-                length=n, truncated=not bool(g.stopped[r]),
-                **{k: rec[k] for k in ("subject", "level") if k in rec})
-        done += len(idx)
-        if show:
-            show(done, f"acc {sum(r['correct'] for r in rows if r and r['sample'] == 0) / done:.3f}")
-    model.train(was_training)
-    return summarise(rows, samples), rows
-
-
-def summarise(rows: list[dict], samples: int) -> dict:
-    first = [r for r in rows if r["sample"] == 0]
-    mean = lambda xs: sum(xs) / len(xs) if xs else 0.0
-    s = dict(n=len(first), samples=samples, accuracy=mean([r["correct"] for r in first]),
-             mean_length=mean([r["length"] for r in rows]), truncated=mean([r["truncated"] for r in rows]))
-    if samples > 1:
-        s["mean_accuracy"] = mean([r["correct"] for r in rows])
-        per = [rows[i:i + samples] for i in range(0, len(rows), samples)]
-        s["majority_accuracy"] = mean([grader.is_equiv(p[0]["gold"], majority([r["extracted"] for r in p])) for p in per])
-    for key in ("subject", "level"):
-        groups: dict = {}
-        for r in first:
-            if key in r:
-                groups.setdefault(str(r[key]), []).append(r["correct"])
-        if groups:
-            s[f"by_{key}"] = {k: {"n": len(v), "accuracy": mean(v)} for k, v in sorted(groups.items())}
-    return s
+# Code outside this file (the support folder) generates, saves and loads through the model object it is given:
+# model.generate(prompts, ...), model.save(tok, path), type(model).load(path). The same functions as above.
+Transformer.generate, Transformer.save, Transformer.load = generate, save, staticmethod(load)
 
 
 # =====================================================================================================
@@ -973,6 +887,7 @@ def model_from_flags(a) -> tuple[Transformer, Tokenizer]:
 
 
 def cmd_eval(a):
+    from support.evaluate import evaluate  # (the grader comes with it: only when evaluating)
     check_flags(a)
     out = a.out or os.path.join("runs", "eval-" + os.path.basename(a.model.rstrip("/")))
     check_out_folder(out)

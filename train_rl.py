@@ -44,10 +44,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-import distributed
-import grader
+from support import distributed
+from support import grader
 import swarr
-import training
+from support import training
 
 
 def parser() -> argparse.ArgumentParser:

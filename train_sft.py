@@ -32,10 +32,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-import distributed
-import grader
+from support import distributed
+from support import grader
 import swarr
-import training
+from support import evaluate, training
 
 
 def parser() -> argparse.ArgumentParser:
@@ -175,7 +175,7 @@ def run(args, model=None, tok=None, train=None, held_out=None, log=print, histor
         if held_out and args.eval_accuracy:  # under torchrun each process takes every N-th problem
             probs = [{"prompt": p, "answer": grader.extract_answer(r)} for p, r in held_out[:args.eval_accuracy]]
             mine, gen_model = probs[distributed.rank()::distributed.world()], distributed.unsharded(model)
-            right = swarr.evaluate(gen_model, tok, mine, max_new_tokens=args.max_new_tokens, batch_size=B,
+            right = evaluate.evaluate(gen_model, tok, mine, max_new_tokens=args.max_new_tokens, batch_size=B,
                                    progress=False)[0]["accuracy"] * len(mine) if mine else 0.0
             m["accuracy"] = distributed.all_sum(right)[0] / len(probs)
             line += f"  greedy accuracy {m['accuracy']:.3f} on {len(probs)}"

@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 import swarr  # noqa: E402
 import synth  # noqa: E402
-import tokenizer  # noqa: E402
+from support import evaluate, tokenizer  # noqa: E402
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 WORDS = [" so", " left", "boxed", "user", "assistant"]  # one token each: the words of every trace and of ChatML
@@ -117,8 +117,8 @@ def plain_accuracy(model, tok, probs) -> dict:
     """Accuracy of the pretrained (not chat-tuned) model continuing the plain text "<problem>\n": greedy, and the
     mean over 4 samples at T = 1 with the share of their lines that restate (the corpus has half)."""
     recs = [{"prompt": f"<|endoftext|>{p.prompt}\n", "answer": str(p.answer)} for p in probs]
-    greedy = swarr.evaluate(model, tok, recs, max_new_tokens=240, batch_size=100, chat=False, progress=False)[0]
-    sampled, rows = swarr.evaluate(model, tok, recs, max_new_tokens=240, batch_size=100, chat=False, samples=4,
+    greedy = evaluate.evaluate(model, tok, recs, max_new_tokens=240, batch_size=100, chat=False, progress=False)[0]
+    sampled, rows = evaluate.evaluate(model, tok, recs, max_new_tokens=240, batch_size=100, chat=False, samples=4,
                                    temperature=1.0, progress=False)
     counts = [synth.restate_counts(r["completion"]) for r in rows]
     return {"greedy": greedy["accuracy"], "sampled": sampled["mean_accuracy"],

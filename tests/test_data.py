@@ -10,7 +10,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "data"))
-import grader  # noqa: E402
+from support import grader  # noqa: E402
 import swarr  # noqa: E402
 import synth  # noqa: E402
 import pretrain  # noqa: E402

@@ -45,7 +45,7 @@ class StopAt(list):
 
 
 def worker(spec: dict):
-    import distributed
+    from support import distributed
     import train_rl
     import train_sft
     torch.set_num_threads(1)

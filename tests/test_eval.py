@@ -3,8 +3,9 @@ import json
 import subprocess
 import sys
 
-import grader
+from support import grader
 import swarr
+from support import evaluate
 
 
 def test_eval_end_to_end(ckpts, tmp_path):
@@ -32,9 +33,9 @@ def test_eval_end_to_end(ckpts, tmp_path):
 
 
 def test_majority_vote_groups_equivalent_answers():
-    assert swarr.majority(["3", "1/2", "0.5", "\\frac12", "3", None]) == "1/2"  # 3 equivalent beat 2 equal
-    assert swarr.majority(["7", None, "7.0", "8"]) == "7"
-    assert swarr.majority([None, None]) is None
+    assert evaluate.majority(["3", "1/2", "0.5", "\\frac12", "3", None]) == "1/2"  # 3 equivalent beat 2 equal
+    assert evaluate.majority(["7", None, "7.0", "8"]) == "7"
+    assert evaluate.majority([None, None]) is None
 
 
 def test_eval_bad_data(ckpts, tmp_path):

@@ -13,7 +13,7 @@ from conftest import ROOT, make_checkpoint
 import swarr
 
 gguf = pytest.importorskip("gguf")
-import gguf_convert  # noqa: E402
+from support import gguf_convert  # noqa: E402
 
 TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
             "{% endfor %}"
@@ -120,7 +120,7 @@ def test_quantized_file_loads_in_swarr_and_transformers_alike(tiny, tmp_path, qt
 
 
 def _cli(*args):
-    r = subprocess.run([sys.executable, str(ROOT / "gguf_convert.py"), *map(str, args)], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "support.gguf_convert", *map(str, args)], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     return r.returncode, r.stderr
 

@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import grader  # noqa: E402
+from support import grader  # noqa: E402
 
 T, F = True, False
 
@@ -341,7 +341,7 @@ def test_hostile_inputs_bounded_in_a_thread(bad):
 
 # ---- python -m grader FILE.jsonl --------------------------------------------------------------------------------
 def cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "grader", *map(str, args)], cwd=cwd, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "support.grader", *map(str, args)], cwd=cwd, capture_output=True,
                           text=True, timeout=120)
 
 

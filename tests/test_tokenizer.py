@@ -8,7 +8,8 @@ import pytest
 
 from conftest import ROOT, SHARED_DATA, make_checkpoint, train_tokenizer
 import swarr
-import tokenizer as T
+from support import evaluate
+from support import tokenizer as T
 
 TEXTS = ["Hello world", "unicode: café naïve 東京 🙂 ñ", "digits 1234567 3.14159 -42", "  many   spaces\n\n\n\t end ",
          "<s>user\nhi</s>\n", "x^2+2x+1=(x+1)^2 \\boxed{84}", "'s 're don't", "", " ", "a</s>  b<s>",
@@ -216,13 +217,13 @@ def test_system_flag_reaches_every_prompt(tmp_path):
     train_tokenizer(tmp_path)
     write_config(tmp_path, CHATML_DEFAULT_SYSTEM, eos_token="<|im_end|>")
     tok, rec = T.Tokenizer(str(tmp_path / "tokenizer.json")), {"question": "What is 2+3?", "answer": "5"}
-    assert swarr.record_prompt(tok, rec).startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>")
-    assert swarr.record_prompt(tok, rec, system="Be terse.").startswith("<|im_start|>system\nBe terse.<|im_end|>\n"
+    assert evaluate.record_prompt(tok, rec).startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>")
+    assert evaluate.record_prompt(tok, rec, system="Be terse.").startswith("<|im_start|>system\nBe terse.<|im_end|>\n"
                                                                          "<|im_start|>user\nWhat is 2+3?")
     cfg = swarr.Config(arch="LlamaForCausalLM", vocab_size=400, dim=8, n_layers=1, n_heads=1, n_kv_heads=1,
                        head_dim=8, hidden_dim=8, hf={"eos_token_id": 2})
     prompt, response = train_sft.sft_pair(tok, cfg, rec, "Be terse.")
-    assert prompt == swarr.record_prompt(tok, rec, system="Be terse.") and response.endswith("<|im_end|>")
+    assert prompt == evaluate.record_prompt(tok, rec, system="Be terse.") and response.endswith("<|im_end|>")
     for p in (train_sft.parser(), train_rl.parser()):
         assert p.parse_args(["--system", "Be terse."]).system == "Be terse." and p.parse_args([]).system is None
     for cmd in ("generate --prompt x", "eval --data d.jsonl"):

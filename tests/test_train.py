@@ -9,7 +9,7 @@ import torch
 import swarr
 import train_rl
 import train_sft
-import training
+from support import training
 from conftest import make_checkpoint, train_tokenizer
 
 

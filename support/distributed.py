@@ -29,7 +29,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-import swarr
+import swarr  # (upward: to be removed)
 
 _DEVICE = torch.device("cpu")  # where the all-reduced scalars live (CUDA under nccl)
 

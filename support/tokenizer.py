@@ -21,7 +21,7 @@ from datetime import datetime
 
 import tiktoken
 
-from safe_io import SwarrError, read_json, read_text
+from .safe_io import SwarrError, read_json, read_text
 
 
 GPT2_SPLIT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""

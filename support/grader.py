@@ -5,7 +5,7 @@ r"""Math answers: extraction from model output, safe equivalence, dataset loader
     >>> judge("x \\geq 5", "[5, \\infty)")
     Verdict(correct=True, gold='x \\geq 5', pred='[5, \\infty)', reason='same value', timed_out=False)
 
-Command line: `python -m grader FILE.jsonl [--out OUT.jsonl]` grades (gold, prediction[, expected]) records.
+Command line: `python -m support.grader FILE.jsonl [--out OUT.jsonl]` grades (gold, prediction[, expected]) records.
 """
 from __future__ import annotations
 
@@ -1079,7 +1079,7 @@ def math_prompt(question: str) -> str:
     return f"{question.strip()}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
 
 
-# ---- command line: python -m grader FILE.jsonl -------------------------------------------------------------------
+# ---- command line: python -m support.grader FILE.jsonl -------------------------------------------------------------------
 
 def _expected(value, where: str):
     if value is None or isinstance(value, bool):
@@ -1133,7 +1133,7 @@ def agreement(rows: list[dict]) -> dict[str, tuple[int, int]]:
 def main(argv=None) -> int:
     import argparse
     import os
-    ap = argparse.ArgumentParser(prog="python -m grader", description="Grade (gold, prediction) records of a "
+    ap = argparse.ArgumentParser(prog="python -m support.grader", description="Grade (gold, prediction) records of a "
                                  "JSONL file; print each verdict with the extracted answer as JSONL.")
     ap.add_argument("file", help='JSONL: {"gold", "prediction" or "completion", optional "expected", "category"}')
     ap.add_argument("--out", help="write the verdicts here instead of stdout")

