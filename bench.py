@@ -24,6 +24,7 @@ avoids stalls of ms per parallel op.
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import os
@@ -32,11 +33,16 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
 import swarr
+from csrc import ops
+from support.checkpoint import DTYPES, param_count
+from support.flags import check_device, check_flags, check_window
+from support.safe_io import SwarrError, run_cli
 
 REPS = 3     # every timed row is the median of at least this many repetitions
 CHUNK = 128  # query chunk of the chunked-SDPA peer
@@ -148,8 +154,7 @@ def check(cands: dict, ref_fn, make, where: str, notes: list) -> dict:
                          zip(*(x if isinstance(x, tuple) else (x,) for x in (got, want))))
         if errs[name] > TOL:
             if name == "ext":
-                raise swarr.SwarrError(f"the extension's {where} is off by {errs[name]:.1e} from the float64 "
-                                       "reference")
+                raise SwarrError(f"the extension's {where} is off by {errs[name]:.1e} from the float64 reference")
             notes.append(f"{name} dropped at {where}: off by {errs[name]:.1e} from the float64 reference")
             del cands[name]
     return errs
@@ -232,7 +237,7 @@ def bench_kernel(args) -> dict:
         rows, notes = kernel_rows([(N, W) for N in (2048, 8192, 32768) for W in (256, 1024)],
                                   [(N, W) for W in (256, 1024) for N in (1024, 32768)], 5)
     conditions = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_model(),
-                  "backend": swarr.backend_name(), "shape": "B=1 H=8 Hkv=2 D=64 float32", "chunk": CHUNK,
+                  "backend": ops.backend_name(), "shape": "B=1 H=8 Hkv=2 D=64 float32", "chunk": CHUNK,
                   **{k: round(v, 1) for k, v in ceil.items()}}
     print_kernel_table(rows, notes, conditions)
     return {"conditions": conditions, "rows": rows, "notes": notes}
@@ -292,15 +297,9 @@ E2E_QUICK = {"windows": [512], "contexts": [1024, 32768], "batches": [16], "step
 SHORT = 3          # tokens of the short decode_loop run whose time is subtracted (see decode_rate)
 OVERHEAD_CTX = 16  # context of the "no KV to speak of" run: the per-step cost outside attention / KV reads
 PAPER_32K = 6.2    # the paper's SWA/SA decode speed-up at 32k context
-
-
-def param_count(cfg) -> int:
-    """Parameters of a swarr.Transformer with this config, tied embeddings counted once."""
-    D, H, Hkv, hd = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    attn = 2 * D * H * hd + 2 * D * Hkv * hd + (H * hd + 2 * Hkv * hd if cfg.qkv_bias else 0) \
-        + (2 * hd if cfg.qk_norm else 0)
-    layer = attn + 3 * D * cfg.hidden_dim + 2 * D
-    return cfg.vocab_size * D * (1 if cfg.tie_embeddings else 2) + cfg.n_layers * layer + D
+RULES = {  # bench's own flag rules, beside support.flags' (one `error: ...` line each)
+    "steps": (lambda v: v > SHORT, f"more than {SHORT} (the {SHORT}-step run is subtracted)"),
+    "prefill_max": (lambda v: v >= 0, "0 (none) or more"), "threads": (lambda v: v >= 1, "at least 1")}
 
 
 def weight_read_bytes(cfg, B: int, dtype_bytes: int) -> int:
@@ -337,14 +336,8 @@ def build_model(spec: str, dtype, device):
         return swarr.load(spec, dtype, device)[0], os.path.basename(os.path.normpath(spec)), "checkpoint"
     key = spec.lower()
     if key not in SHAPES:
-        raise swarr.SwarrError(f"--model {spec!r} is neither a checkpoint folder nor a named shape "
-                               f"({', '.join(SHAPES)})")
-    cfg = swarr.Config.from_hf(SHAPES[key](), f"--model {key}")
-    with torch.device("meta"):
-        model = swarr.Transformer(cfg).to(dtype)
-    model.to_empty(device=device)
-    if cfg.tie_embeddings:  # to_empty() gives every parameter its own storage: tie them again
-        model.lm_head.weight = model.model.embed_tokens.weight
+        raise SwarrError(f"--model {spec!r} is neither a checkpoint folder nor a named shape ({', '.join(SHAPES)})")
+    model = swarr.Transformer.empty(swarr.Config.from_hf(SHAPES[key](), f"--model {key}"), device, dtype)
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -427,16 +420,26 @@ def decode_if_fits(model, B: int, C: int, steps: int) -> dict:
     return {"kv_bytes": kv, **if_fits(lambda: decode_rate(model, B, C, steps), p.device)}
 
 
+def sa_and_swa(model, window: int, B: int, C: int, steps: int) -> dict:
+    """{"SA": ..., "SWA": ...}: decode_if_fits of this model's shape with full attention and with every layer at
+    `window`, caches holding C tokens of random keys/values (copies: the model itself is left as it is)."""
+    out = {}
+    for name, w in (("SA", None), ("SWA", window)):
+        m = copy.deepcopy(model).eval()
+        m.set_window(w)
+        out[name] = decode_if_fits(m, B=B, C=C, steps=steps)
+    return out
+
+
 def run_e2e(model, *, name="model", windows=(512,), contexts=(1024,), batches=(1,), steps=8, prefill_max=None,
             progress=True) -> dict:
     """SA and SWA (every layer at each window) decode throughput, KV bytes and prefill time. Returns
     {"rows": one per (B, context, attention), "overhead": {B: decode_if_fits of SA at OVERHEAD_CTX}}."""
     cfg, p = model.cfg, next(model.parameters())
     db = p.element_size()
-    if steps <= SHORT:
-        raise swarr.SwarrError(f"--steps must be more than {SHORT}, got {steps}")
+    check_flags(SimpleNamespace(steps=steps, prefill_max=prefill_max), RULES)
     for w in windows:
-        swarr.check_window(w)
+        check_window(w)
     prefill_max = max(contexts) if prefill_max is None else prefill_max
     model.set_window(None)
     with torch.no_grad():  # warm-up: the first call of every kernel pays for its one-time setup
@@ -509,30 +512,27 @@ def e2e_options(args) -> dict:
                                         "prefill_max")}
     for k, v in {**E2E_DEFAULTS, **(E2E_QUICK if args.quick else {})}.items():
         o[k] = v if o[k] is None else o[k]
-    o["device"] = swarr.check_device(o["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
+    o["device"] = check_device(o["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = o["device"].type == "cuda"
     o["dtype"] = o["dtype"] or ("bfloat16" if cuda else "float32")
     if not os.path.isdir(o["model"]) and o["model"].lower() not in SHAPES:
-        raise swarr.SwarrError(f"--model {o['model']!r} is neither a checkpoint folder nor a named shape "
-                               f"({', '.join(SHAPES)})")
+        raise SwarrError(f"--model {o['model']!r} is neither a checkpoint folder nor a named shape "
+                         f"({', '.join(SHAPES)})")
     o["steps"] = (128 if cuda else 32) if o["steps"] is None else o["steps"]
-    if o["steps"] <= SHORT:
-        raise swarr.SwarrError(f"--steps must be more than {SHORT}, got {o['steps']}")
     o["prefill_max"] = (max(o["contexts"]) if cuda else 8192) if o["prefill_max"] is None else o["prefill_max"]
-    if o["prefill_max"] < 0:
-        raise swarr.SwarrError(f"--prefill-max must be >= 0, got {o['prefill_max']}")
+    check_flags(SimpleNamespace(steps=o["steps"], prefill_max=o["prefill_max"]), RULES)
     return o
 
 
 def bench_e2e(args) -> dict:
     o = e2e_options(args)
     dev = o["device"]
-    model, name, source = build_model(o["model"], swarr.DTYPES[o["dtype"]], dev)
+    model, name, source = build_model(o["model"], DTYPES[o["dtype"]], dev)
     res = run_e2e(model, name=name, windows=o["windows"], contexts=o["contexts"], batches=o["batches"],
                   steps=o["steps"], prefill_max=o["prefill_max"])
     c = {"model": name, "source": source, "arch": model.cfg.arch, "params": param_count(model.cfg),
          "dtype": o["dtype"], "device": dev.type, "steps": o["steps"], "prefill_max": o["prefill_max"],
-         "torch": torch.__version__, "backend": swarr.backend_name(), "threads": torch.get_num_threads(),
+         "torch": torch.__version__, "backend": ops.backend_name(), "threads": torch.get_num_threads(),
          "hardware": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_model()}
     print_e2e_table(res, c)
     return {name: {"conditions": c, "rows": res["rows"], "overhead": {str(k): v for k, v in res["overhead"].items()}}}
@@ -568,7 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", help=f"checkpoint folder, or a named shape with random weights: {', '.join(SHAPES)} "
                    "[tiny]")
     e.add_argument("--device", help="cpu or cuda [cuda if available]")
-    e.add_argument("--dtype", choices=sorted(swarr.DTYPES), help="[bfloat16 on cuda, float32 on cpu]")
+    e.add_argument("--dtype", choices=sorted(DTYPES), help="[bfloat16 on cuda, float32 on cpu]")
     for flag in ("windows", "contexts", "batches"):
         e.add_argument(f"--{flag}", type=positive_ints,
                        help=f"comma-separated [{','.join(map(str, E2E_DEFAULTS[flag]))}]")
@@ -582,8 +582,7 @@ def run_sections(args) -> dict:
     if args.section in ("e2e", "all"):
         e2e_options(args)  # bad e2e flags fail now, not after the kernel section has run
     if args.threads is not None:
-        if args.threads < 1:
-            raise swarr.SwarrError(f"--threads must be at least 1, got {args.threads}")
+        check_flags(SimpleNamespace(threads=args.threads), RULES)
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     return {name: fn(args) for name, fn in SECTIONS.items() if args.section in (name, "all")}
@@ -591,7 +590,7 @@ def run_sections(args) -> dict:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    results = swarr.run_cli(run_sections, args)
+    results = run_cli(run_sections, args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

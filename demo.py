@@ -13,9 +13,9 @@ and one synthetic task (data/synth.py: sums of products, whose SFT traces are wr
                      with --rejection-rounds R, the same budget in R rounds, each sampling from the last round's model
   6. ceiling         2, then as many SFT sequences of traces that restate at every line (what a trajectory that
                      always stays near can reach inside the window)
-and evaluates every row on held-out problems never seen in training (swarr.evaluate): greedy, and at T = 1
+and evaluates every row on held-out problems never seen in training (support.evaluate): greedy, and at T = 1
 (several samples per problem), each with a 95% Wilson interval. The training and evaluation loops are those of
-train_sft.py, train_rl.py and `swarr.py eval`; this file only wires them up.
+train_sft.py, train_rl.py and `swarr.py eval`; this file only wires them up (support/report.py renders the report).
 
 Besides accuracy it measures the mechanism: every line of a solution may restate the terms still to come, or
 not. The SFT data restate at a minority rate per line (synth.RESTATE_RATE), independently; a trace that restates
@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import sys
 import time
@@ -46,14 +45,21 @@ import bench
 import swarr
 import train_rl
 import train_sft
+from csrc import ops
 from support import evaluate, training
+from support.checkpoint import param_count
+from support.flags import check_flags, check_window
+from support.report import (Log, Rows, Stages, pair_sum, recovered, rl_curve, row_line, save_report, trace_summary,
+                            wilson, write)
+from support.safe_io import SwarrError, run_cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "data"))
 import synth  # noqa: E402  (data/synth.py: the embedded task)
 
-SA, SWA, SWARR, MORE, REJECT, CEIL = ("SA + SFT", "SWA + SFT", "SWARR (SWA + SFT + RL)", "more SFT",
-                                      "rejection sampling", "ceiling (all lines restate)")
+ROWS = Rows(sa="SA + SFT", swa="SWA + SFT", swarr="SWARR (SWA + SFT + RL)", more="more SFT",
+            reject="rejection sampling", ceiling="ceiling (all lines restate)")
+SA, SWA, SWARR, MORE, REJECT, CEIL = ROWS
 FOLDERS = {SA: "sa-sft", SWA: "swa-sft", SWARR: "swarr", MORE: "more-sft", REJECT: "rejection", CEIL: "ceiling"}
 DEFAULT_MODEL = os.path.join(HERE, "data", "tiny-sa")
 
@@ -63,6 +69,8 @@ RL = dict(steps=40, prompts=8, group=8, lr=2e-4, temperature=1.0, micro_batch=32
 QUICK_RL = dict(steps=20, lr=3e-4)
 WINDOW = 40
 SWEEP = (24, 32, 40, 48, 56, 64)
+# What the default run must show (README.md), checked on every run's own numbers (checks)
+TARGETS = dict(sa_accuracy=0.85, gap=0.25, swarr_recovers=0.6, more_sft_below=0.2)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -94,30 +102,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=os.path.join("runs", "demo"), help="folder for report.md, results.json, ...")
     return p
-
-
-# ---- progress over the whole run ---------------------------------------------------------------------------
-class Stages:
-    """`[2/7] SWA + SFT ...  elapsed 30s  ETA 75s` at the start of each stage. The ETA weighs the stages by
-    their cost measured on the 2-core dev CPU and rescales by how fast this run's weighed stages have gone (the
-    load stage weighs 0: on a first run it includes compiling csrc/, which says nothing about the rest)."""
-
-    def __init__(self, stages: list):
-        self.stages, self.t0, self.done, self.busy, self.i = stages, time.time(), 0.0, 0.0, 0
-
-    def start(self, name: str):
-        self.t_start, self.name = time.time(), name
-        rate = self.busy / self.done if self.done else 1.0
-        eta = rate * (sum(c for _, c in self.stages) - self.done)
-        self.i += 1
-        print(f"\n[{self.i}/{len(self.stages)}] {name}  elapsed {self.t_start - self.t0:.0f}s  ETA {eta:.0f}s",
-              flush=True)
-
-    def end(self):
-        cost = self.stages[self.i - 1][1]
-        if cost:
-            self.done += cost
-            self.busy += time.time() - self.t_start
 
 
 # ---- data --------------------------------------------------------------------------------------------------
@@ -176,7 +160,8 @@ def budget(args) -> dict:
 
 
 def reward(completion: str, problem: dict) -> float:
-    """The one reward of RL and of rejection sampling: 1 if the final answer is correct (swarr.grade), else 0."""
+    """The one reward of RL and of rejection sampling: 1 if the final answer is correct (support.grader.grade),
+    else 0."""
     return train_rl.default_reward(completion, problem)
 
 
@@ -216,39 +201,11 @@ def rejection_samples(model, tok, problems, args, steps: range) -> tuple[list, d
                       kept_lines=pair_sum(kept_lines))
 
 
-def pair_sum(pairs) -> list[int]:
-    """[sum of the first items, sum of the second items], e.g. of (restating lines, lines) counts."""
-    pairs = list(pairs)
-    return [sum(a for a, _ in pairs), sum(b for _, b in pairs)]
-
-
-class Log:
-    """Training lines, indented under their stage, and every event dict kept (also in out/log.jsonl)."""
-
-    def __init__(self):
-        self.history = []
-
-    def __call__(self, line):
-        print(f"  {line}", flush=True)
-
-
 # ---- measuring a row ---------------------------------------------------------------------------------------
-def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a binomial proportion k/n (k may be a float count: mean x n)."""
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n))
-
-
 def trace_stats(tok, prompts: list[str], completions: list[str]) -> dict:
     """Per-line restatement rate and the lookback distribution (synth.lookback, tokens) of some traces."""
-    counts = [synth.restate_counts(c) for c in completions]
-    reach = sorted(synth.lookback(tok, p + c, len(p)) for p, c in zip(prompts, completions))
-    q = lambda f: reach[min(len(reach) - 1, int(f * len(reach)))]
-    return dict(restate_rate=sum(c[0] for c in counts) / max(1, sum(c[1] for c in counts)),
-                lookback=dict(p10=q(0.1), median=q(0.5), p90=q(0.9), max=reach[-1]), lookbacks=reach)
+    return trace_summary([synth.restate_counts(c) for c in completions],
+                         [synth.lookback(tok, p + c, len(p)) for p, c in zip(prompts, completions)])
 
 
 def measure(model, tok, tests, args, name, window) -> dict:
@@ -263,28 +220,12 @@ def measure(model, tok, tests, args, name, window) -> dict:
     out = dict(row=name, window=window, n=n, samples=k, accuracy=greedy["accuracy"],
                ci=wilson(greedy["accuracy"] * n, n), sampled=s_acc, sampled_ci=wilson(s_acc * n * k, n * k),
                mean_length=greedy["mean_length"], truncated=greedy["truncated"])
-    line = (f"  {name}: greedy {out['accuracy']:.3f} [{out['ci'][0]:.2f}, {out['ci'][1]:.2f}], "
-            f"T=1 {s_acc:.3f} [{out['sampled_ci'][0]:.2f}, {out['sampled_ci'][1]:.2f}] on {n} problems")
     if not args.data:
         prompts = [t["prompt"] for t in tests]
         out["greedy_traces"] = trace_stats(tok, prompts, [r["completion"] for r in rows])
         out["sampled_traces"] = trace_stats(tok, [prompts[i // k] for i in range(n * k)],
                                             [r["completion"] for r in srows])
-        g, s = out["greedy_traces"], out["sampled_traces"]
-        line += (f"; lines restating: greedy {g['restate_rate']:.2f}, T=1 {s['restate_rate']:.2f}; "
-                 f"lookback median {g['lookback']['median']} (T=1 {s['lookback']['median']}) tokens")
-    print(line, flush=True)
-    return out
-
-
-def speed(model, args):
-    """Decode tokens/s and KV-cache bytes of this model's shape as SA and as SWA, batch 16, with caches holding
-    --context tokens of random keys/values (bench.py e2e's measurement, through the generation path itself)."""
-    out = {}
-    for name, w in (("SA", None), ("SWA", args.window)):
-        m = copy.deepcopy(model).eval()
-        m.set_window(w)
-        out[name] = bench.decode_if_fits(m, B=16, C=args.context, steps=8)
+    print(row_line(out), flush=True)
     return out
 
 
@@ -293,22 +234,17 @@ def collapse_of(history: list) -> str | None:
     return next((h["reason"] for h in history if h.get("event") == "collapse"), None)
 
 
-# ---- report ------------------------------------------------------------------------------------------------
-def recovered(rows: dict, name: str, key: str = "accuracy") -> float | None:
-    """Share of the SA+SFT - SWA+SFT gap that row `name` wins back (greedy, or key="sampled")."""
-    gap = rows[SA][key] - rows[SWA][key]
-    return (rows[name][key] - rows[SWA][key]) / gap if gap > 0 and name in rows else None
-
-
 def checks(res: dict) -> dict:
-    """The targets of the default run (README.md), each True or False, from the numbers of this run."""
-    rows = {r["row"]: r for r in res["rows"]}
-    rec = lambda name: recovered(rows, name)
-    out = {"SA+SFT >= 0.85": rows[SA]["accuracy"] >= 0.85,
-           "gap >= 25 points, greedy": rows[SA]["accuracy"] - rows[SWA]["accuracy"] >= 0.25,
-           "gap >= 25 points, T=1": rows[SA]["sampled"] - rows[SWA]["sampled"] >= 0.25,
-           "SWARR recovers >= 60% of the gap": (rec(SWARR) or 0) >= 0.6,
-           "more SFT recovers < 20%": rec(MORE) is not None and rec(MORE) < 0.2}
+    """The TARGETS, each True or False, from the numbers of this run."""
+    rows, t = {r["row"]: r for r in res["rows"]}, TARGETS
+    rec = lambda name: recovered(rows, name, ROWS)  # noqa: E731
+    gap = lambda key: rows[SA][key] - rows[SWA][key]  # noqa: E731
+    points = round(100 * t["gap"])
+    out = {f"SA+SFT >= {t['sa_accuracy']:g}": rows[SA]["accuracy"] >= t["sa_accuracy"],
+           f"gap >= {points} points, greedy": gap("accuracy") >= t["gap"],
+           f"gap >= {points} points, T=1": gap("sampled") >= t["gap"],
+           f"SWARR recovers >= {t['swarr_recovers']:.0%} of the gap": (rec(SWARR) or 0) >= t["swarr_recovers"],
+           f"more SFT recovers < {t['more_sft_below']:.0%}": rec(MORE) is not None and rec(MORE) < t["more_sft_below"]}
     if "greedy_traces" in rows[SWA]:
         out["restatement rate rises under RL"] = (rows[SWARR]["sampled_traces"]["restate_rate"]
                                                   > rows[SWA]["sampled_traces"]["restate_rate"])
@@ -316,156 +252,24 @@ def checks(res: dict) -> dict:
     return out
 
 
-write = swarr.write_text_atomic  # reports are replaced whole or not at all
-
-
-def selected(rs: dict) -> str:
-    """What rejection sampling's filter selected on the synthetic task: the restatement rate of the kept samples
-    against all drawn ("" when there are no working lines to count)."""
-    rate = lambda key: rs[key][0] / max(1, rs[key][1])  # noqa: E731
-    return (f" (their lines restate {rate('kept_lines'):.2f} of the time, all {rs['drawn']} drawn "
-            f"{rate('drawn_lines'):.2f})") if rs.get("drawn_lines", [0, 0])[1] else ""
-
-
-def fmt(x, spec=".3f"):
-    return "n/a" if x is None else format(x, spec)
-
-
-def row_table(rows: list, W: int) -> list[str]:
-    """The rows as a markdown table: accuracy with intervals, gap recovered, restatement and lookback."""
-    by = {r["row"]: r for r in rows}
-    lines = ["| row | greedy [95% CI] | T=1 [95% CI] | gap recovered greedy / T=1 | lines restating greedy / T=1 "
-             f"| lookback median (p90), greedy / T=1 | traces with lookback <= {W}, T=1 |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        rec = (f"{fmt(recovered(by, r['row']), '.0%')} / {fmt(recovered(by, r['row'], 'sampled'), '.0%')}"
-               if r["row"] not in (SA, SWA) and SA in by else "-")
-        if "greedy_traces" in r:
-            g, s = r["greedy_traces"], r["sampled_traces"]
-            rate = f"{g['restate_rate']:.2f} / {s['restate_rate']:.2f}"
-            lb = (f"{g['lookback']['median']} ({g['lookback']['p90']}) / "
-                  f"{s['lookback']['median']} ({s['lookback']['p90']})")
-            fit = f"{sum(x <= W for x in s['lookbacks']) / len(s['lookbacks']):.2f}"
-        else:
-            rate, lb, fit = "n/a", "n/a", "n/a"
-        lines.append(f"| {r['row']} | {r['accuracy']:.3f} [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}] | "
-                     f"{r['sampled']:.3f} [{r['sampled_ci'][0]:.2f}, {r['sampled_ci'][1]:.2f}] | {rec} | {rate} | "
-                     f"{lb} | {fit} |")
-    return lines
-
-
-def report(res: dict) -> str:
-    a, W = res["args"], res["args"]["window"]
-    b = res["budget"]
-    lines = [f"# SWARR demo: seed {a['seed']}, window W = {W}, SFT restatement rate {a['rate']:g} per line, "
-             f"evaluated on the {a['split']} split", "",
-             f"Model {os.path.relpath(a['model'])}, data {a['data'] or 'synthetic (data/synth.py)'}. "
-             f"{res['rows'][0]['n']} held-out problems; greedy and {a['samples']} samples per problem at T = 1, "
-             f"max {a['max_new_tokens']} new tokens; 95% Wilson intervals. Wall time {res['wall_s']:.0f} s on "
-             f"{res['device']} ({torch.get_num_threads()} threads).", ""]
-    lines += row_table(res["rows"], W)
-    rs = res["rejection"]
-    source = ("from SWA + SFT" if rs.get("rounds", 1) == 1 else
-              f"in {rs['rounds']} rounds, each from the model the round before fine-tuned (the first from SWA + SFT),")
-    planned, tuned = b["sequences"], rs.get("sequences", b["sequences"])
-    tuned_text = (f"{tuned} sequences ({b['sft_steps']} steps of {SFT['batch']}); more SFT and the ceiling "
-                  f"fine-tuned on as many" if tuned == planned else
-                  f"{tuned} sequences, not the {planned} planned (a round that kept nothing does not train); more SFT "
-                  f"and the ceiling fine-tuned on {planned}")
-    lines += ["", f"Budgets: RL sampled {b['rl_samples']} completions ({res['rl_steps']} steps x {RL['prompts']} "
-              f"prompts "
-              f"x {RL['group']}) and trained on all of them. Rejection sampling drew {rs['drawn']} {source} on "
-              f"the same prompts at T = {RL['temperature']:g}, kept {rs['kept']} that the same reward accepts"
-              f"{selected(rs) if 'sft_traces' in res else ''}, and fine-tuned on {tuned_text} sequences of their "
-              f"data.", ""]
-    if "sft_traces" in res:
-        st = res["sft_traces"]
-        lines += [f"SFT data: {st['restate_rate']:.2f} of the lines restate; lookback median "
-                  f"{st['lookback']['median']} "
-                  f"(p10 {st['lookback']['p10']}, p90 {st['lookback']['p90']}) tokens. During RL the rollouts' "
-                  f"restatement rate went {res['rl_curve']['restate_rate'][0][1]:.2f} (step 1) -> "
-                  f"{res['rl_curve']['restate_rate'][-1][1]:.2f} (step {res['rl_steps']}).", ""]
-    if res.get("collapse"):
-        lines += [f"**RL COLLAPSED: {res['collapse']}** The SWARR row is not a result of RL working.", ""]
-    lines += ["Targets: " + "; ".join(f"{k} {'yes' if v else 'NO'}" for k, v in res["checks"].items()) + ".", ""]
-    s = res.get("speed")
-    if s:
-        ok = all(s[k]["status"] == "ok" for k in ("SA", "SWA"))
-        tps = lambda k: f"{s[k]['tok_s']:.0f}" if s[k]["status"] == "ok" else s[k]["status"]
-        ratio = f"{s['SWA']['tok_s'] / s['SA']['tok_s']:.1f}x" if ok else "n/a"
-        lines += [f"Decode at {a['context']} tokens of context, batch 16, this model's shape with random keys/values "
-                  f"in the caches (bench.py e2e's measurement; speeds depend on the machine and its load):", "",
-                  "| | decode tokens/s | KV-cache bytes |", "|---|---|---|",
-                  f"| SA | {tps('SA')} | {s['SA']['kv_bytes']:,} |",
-                  f"| SWA (W = {W}) | {tps('SWA')} | {s['SWA']['kv_bytes']:,} |",
-                  f"| SWA / SA | {ratio} | {s['SA']['kv_bytes'] / s['SWA']['kv_bytes']:.0f}x less |", "",
-                  f"(The paper reports about {bench.PAPER_32K}x throughput over SA at 32k context for its models.)", ""]
-    lines += ["![reward, restatement rate and accuracy over RL steps](rl_curve.svg)", ""]
-    return "\n".join(lines)
-
-
-def svg_curve(curve: dict, hlines: dict, path: str, title: str, xlabel: str = "RL step", xticks=None,
-              W: int = 640, H: int = 360):
-    """A line chart in plain SVG (no plotting library): curve = {label: [(x, value 0..1)]}, hlines = {label: y}."""
-    xs = [x for pts in curve.values() for x, _ in pts] or [1]
-    x0, x1, L, R, T, B = min(0, min(xs)) if xticks is None else min(xs), max(xs), 60, 230, 30, 40
-    px = lambda x: L + (W - L - R) * (x - x0) / max(1, x1 - x0)
-    py = lambda y: T + (H - T - B) * (1 - y)
-    colors = ["#1f77b4", "#2ca02c", "#d62728", "#7f7f7f", "#9467bd", "#ff7f0e", "#8c564b"]
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
-           f'<rect width="{W}" height="{H}" fill="white"/>',
-           f'<text x="{L}" y="18" font-size="13">{title}</text>']
-    for y in (0, 0.25, 0.5, 0.75, 1.0):
-        out.append(f'<line x1="{L}" y1="{py(y):.1f}" x2="{W - R}" y2="{py(y):.1f}" stroke="#ddd"/>'
-                   f'<text x="{L - 8}" y="{py(y) + 4:.1f}" text-anchor="end">{y:g}</text>')
-    for x in (xticks if xticks is not None else sorted({x0, (x0 + x1) // 2, x1})):
-        out.append(f'<text x="{px(x):.1f}" y="{H - B + 16}" text-anchor="middle">{x}</text>')
-    out.append(f'<text x="{(L + W - R) / 2:.0f}" y="{H - 8}" text-anchor="middle">{xlabel}</text>')
-    key = 0
-    for i, (label, pts) in enumerate(curve.items()):
-        c = colors[i % len(colors)]
-        path_d = " ".join(f"{'M' if j == 0 else 'L'}{px(x):.1f},{py(y):.1f}" for j, (x, y) in enumerate(pts))
-        out.append(f'<path d="{path_d}" fill="none" stroke="{c}" stroke-width="2"/>')
-        out += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5" fill="{c}"/>' for x, y in pts]
-        out.append(f'<text x="{W - R + 10}" y="{T + 16 * key + 4}" fill="{c}">{label}</text>')
-        key += 1
-    for j, (label, y) in enumerate(hlines.items()):
-        c = colors[(len(curve) + j) % len(colors)]
-        out.append(f'<line x1="{L}" y1="{py(y):.1f}" x2="{W - R}" y2="{py(y):.1f}" stroke="{c}" '
-                   f'stroke-dasharray="5,4"/>')
-        out.append(f'<text x="{W - R + 10}" y="{T + 16 * key + 4}" fill="{c}">{label}</text>')
-        key += 1
-    out.append("</svg>")
-    write(path, "\n".join(out) + "\n")
-
-
 # ---- the run -----------------------------------------------------------------------------------------------
 def check_args(args) -> list[int]:
     """Everything a command line cannot mean, before anything trains; returns the windows to run."""
+    check_flags(args)
     try:
         windows = [int(w) for w in args.windows.split(",")] if args.sweep else [args.window]
     except ValueError:
-        raise swarr.SwarrError(f"--windows {args.windows!r}: expected comma-separated integers") from None
+        raise SwarrError(f"--windows {args.windows!r}: expected comma-separated integers") from None
     for w in windows:
-        swarr.check_window(w)
-    for flag, v in (("--sft-steps", args.sft_steps), ("--rl-steps", args.rl_steps), ("--n-train", args.n_train),
-                    ("--n-test", args.n_test), ("--samples", args.samples), ("--max-new-tokens", args.max_new_tokens),
-                    ("--context", args.context)):
-        if v is not None and v < 1:
-            raise swarr.SwarrError(f"{flag} must be at least 1, got {v}")
-    if not 0 <= args.rate <= 1:
-        raise swarr.SwarrError(f"--rate must be between 0 and 1, got {args.rate}")
+        check_window(w)
     steps = rl_settings(args)[0]  # every round samples at least one RL step (and fine-tunes 4 x as many)
     if not 1 <= args.rejection_rounds <= steps:
-        raise swarr.SwarrError(f"--rejection-rounds must be between 1 and the RL steps ({steps}), "
-                               f"got {args.rejection_rounds}")
-    if args.rl_lr is not None and not args.rl_lr > 0:
-        raise swarr.SwarrError(f"--rl-lr must be positive, got {args.rl_lr}")
+        raise SwarrError(f"--rejection-rounds must be between 1 and the RL steps ({steps}), "
+                         f"got {args.rejection_rounds}")
     if args.data and not os.path.isfile(args.data):
-        raise swarr.SwarrError(f"{args.data}: data file not found")
+        raise SwarrError(f"{args.data}: data file not found")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise swarr.SwarrError(f"--out {args.out}: exists and is not a folder")
-    swarr.check_device(args.device)
+        raise SwarrError(f"--out {args.out}: exists and is not a folder")
     return windows
 
 
@@ -510,13 +314,7 @@ def window_rows(swa_base, tok, data, args, window, log, stages, save_to=None) ->
     stage(REJECT, rejection)
     if ceiling:
         stage(CEIL, lambda: sft(copy.deepcopy(swa), tok, ceiling, args, window, b["sft_steps"], args.seed + 1, log))
-    per = RL["prompts"] * RL["group"]
-    steps = [restates[i:i + per] for i in range(0, len(restates), per)]
-    train_ev = [h for h in rl_events if h.get("event") == "train" and "reward" in h]
-    curve = dict(reward=[(h["step"], h["reward"]) for h in train_ev])
-    if steps and ceiling:
-        curve["restate_rate"] = [(i + 1, sum(c[0] for c in s) / max(1, sum(c[1] for c in s)))
-                                 for i, s in enumerate(steps)]
+    curve = rl_curve(rl_events, restates if ceiling else [], RL["prompts"] * RL["group"])
     return dict(rows=results, rl_curve=curve, rejection=rs, collapse=collapse_of(rl_events))
 
 
@@ -531,9 +329,9 @@ def run(args) -> dict:
     stages.start("load")
     base, tok = swarr.load(args.model, torch.float32, args.device)
     if max(windows) > base.cfg.max_pos:  # checked now, not after the first stage has trained
-        raise swarr.SwarrError(f"--window {max(windows)} is larger than the model's context ({base.cfg.max_pos})")
-    print(f"  {args.model}: {base.cfg.arch}, {sum(p.numel() for p in base.parameters()) / 1e6:.2f}M parameters, "
-          f"attention backend {swarr.backend_name()}")
+        raise SwarrError(f"--window {max(windows)} is larger than the model's context ({base.cfg.max_pos})")
+    print(f"  {args.model}: {base.cfg.arch}, {param_count(base.cfg) / 1e6:.2f}M parameters, "
+          f"attention backend {ops.backend_name()}")
     data = task(args, tok, base.cfg)
     pairs, problems, tests, ceiling = data
     print(f"  {len(pairs)} SFT pairs / RL prompts, {len(tests)} held-out problems ({args.split} split)")
@@ -565,11 +363,9 @@ def run(args) -> dict:
             r = dict(per[w], rows=[sa_row] + per[w]["rows"])
             res.setdefault("windows", {})[w] = dict(r, checks=checks(r))
             res.update(sa=sa_row, wall_s=time.time() - t0)
-            write(os.path.join(args.out, "results.json"), json.dumps(res, indent=2))
-            sweep_svg(res, os.path.join(args.out, "sweep.svg"))
-            write(os.path.join(args.out, "report.md"), sweep_report(res))
+            text = save_report(args.out, res, ROWS)
     if args.sweep:
-        print("\n" + sweep_report(res))
+        print("\n" + text)
         print(f"wrote {args.out}/: report.md, results.json, sweep.svg, log.jsonl, test.jsonl")
         return res
 
@@ -577,66 +373,19 @@ def run(args) -> dict:
     res.update(rows=[sa_row] + one["rows"], rl_curve=one["rl_curve"], rejection=one["rejection"],
                collapse=one["collapse"])
     stages.start("decode speed")
-    res["speed"] = speed(base, args)
+    res["speed"] = bench.sa_and_swa(base, args.window, B=16, C=args.context, steps=8)  # decode tok/s, KV bytes
     stages.end()
     res["wall_s"] = time.time() - t0
     res["checks"] = checks(res)
-    write(os.path.join(args.out, "results.json"), json.dumps(res, indent=2))
-    curve = {"reward (T=1 rollouts)": res["rl_curve"]["reward"]}
-    if "restate_rate" in res["rl_curve"]:
-        curve["lines restating (rollouts)"] = res["rl_curve"]["restate_rate"]
-    rows = {r["row"]: r for r in res["rows"]}
-    svg_curve(curve, {f"{k} greedy": rows[k]["accuracy"] for k in (SA, SWARR, MORE, REJECT) if k in rows},
-              os.path.join(args.out, "rl_curve.svg"), f"SWARR: RL on SWA + SFT (W = {args.window}, seed {args.seed}; "
-              f"python demo.py)")
-    text = report(res)
-    write(os.path.join(args.out, "report.md"), text)
+    text = save_report(args.out, res, ROWS, sft_batch=SFT["batch"], rl=RL, paper_32k=bench.PAPER_32K)
     print("\n" + text)
     print(f"wrote {args.out}/: report.md, results.json, rl_curve.svg, log.jsonl, test.jsonl, models/")
     return res
 
 
-# ---- the window sweep --------------------------------------------------------------------------------------
-def sweep_report(res: dict) -> str:
-    a = res["args"]
-    lines = [f"# SWARR demo, window sweep: seed {a['seed']}, SFT restatement rate {a['rate']:g} per line, "
-             f"{a['split']} split", "",
-             f"{res['sa']['n']} held-out problems; greedy / T = 1 ({a['samples']} samples per problem). "
-             + (f"Rejection sampling in {a['rejection_rounds']} rounds. " if a.get("rejection_rounds", 1) > 1 else "")
-             + f"Wall time {res['wall_s']:.0f} s on {res['device']} ({torch.get_num_threads()} threads).", "",
-             "| W | SA + SFT | SWA + SFT | SWARR | more SFT | rejection sampling | ceiling | SWARR recovers | "
-             "RL collapsed |", "|---|---|---|---|---|---|---|---|---|"]
-    for w, r in res["windows"].items():
-        by = {x["row"]: x for x in r["rows"]}
-        cell = lambda k: f"{by[k]['accuracy']:.2f} / {by[k]['sampled']:.2f}" if k in by else "n/a"
-        lines.append(f"| {w} | {cell(SA)} | {cell(SWA)} | {cell(SWARR)} | {cell(MORE)} | {cell(REJECT)} | "
-                     f"{cell(CEIL)} | {fmt(recovered(by, SWARR), '.0%')} | {'YES' if r['collapse'] else 'no'} |")
-    lines += ["", "![accuracy against the window](sweep.svg)", ""]
-    for w, r in res["windows"].items():
-        rs = r["rejection"]
-        lines += [f"## W = {w}", ""] + row_table(r["rows"], int(w)) + [
-            "", f"Rejection sampling kept {rs['kept']} of {rs['drawn']} samples"
-                f"{selected(rs) if 'sft_traces' in res else ''}.", ""]
-    return "\n".join(lines)
-
-
-def sweep_svg(res: dict, path: str):
-    """Greedy accuracy of every row against W (res as run() returns it, or as read back from results.json,
-    where the window keys are strings)."""
-    by_w = {int(w): v for w, v in res["windows"].items()}
-    ws = sorted(by_w)
-    get = lambda k: [(w, next(x["accuracy"] for x in by_w[w]["rows"] if x["row"] == k)) for w in ws
-                     if any(x["row"] == k for x in by_w[w]["rows"])]
-    curve = {k: get(k) for k in (CEIL, SWARR, REJECT, MORE, SWA)}
-    a = res["args"]
-    svg_curve({k: v for k, v in curve.items() if v}, {"SA + SFT": res["sa"]["accuracy"]}, path,
-              f"greedy accuracy vs window W (seed {a['seed']}; python demo.py --sweep)", xlabel="window W (keys)",
-              xticks=ws)
-
-
 def main(argv=None):
     args = parser().parse_args(argv)
-    swarr.run_cli(run, args)
+    run_cli(run, args)
 
 
 if __name__ == "__main__":

@@ -1,206 +1,56 @@
 """SWARR: convert a pretrained transformer to sliding-window attention, then win back its accuracy with RL.
 
-One file, meant to be read top to bottom: config -> model -> attention (reference | compiled extension)
--> KV caches, prefill and decode through the same forward, generation -> checkpoint I/O -> eval
--> command line; then an appendix with the plumbing (building the extension, CUDA graphs).
-The tokenizer and chat templates live in tokenizer.py, the math grader in grader.py. See README.md.
+The model, read top to bottom: config -> RMSNorm, RoPE, attention with a per-layer window, SwiGLU MLP ->
+attention backends (the readable reference | the compiled kernels) -> KV caches (full | a ring buffer of W slots),
+prefill and decode through the same forward, generation -> load / save HF checkpoint folders by HF tensor names.
+Checking what it reads is one call into support/checkpoint.py. See README.md.
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import hashlib
 import json
 import math
 import os
-import platform
-import re
-import shutil
-import subprocess
-import sys
-import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from support import grader
-# strict reads and crash-safe writes (re-exported: swarr.SwarrError, swarr.read_json, swarr.recover, ...)
-from support.safe_io import (SwarrError, check_out_folder, pid_alive, read_json, read_text, recover, write_folder,
-                     write_text_atomic)
-# tokenizer.json (byte-level or SentencePiece BPE) and chat templates
-from support.tokenizer import Tokenizer
-from support.checkpoint import param_count
-
-
+from csrc import ops  # the compiled attention kernels, as torch.library custom ops
+from support import checkpoint  # reading and checking a checkpoint folder; the HF config.json mapping
+from support.flags import check_window
+from support.safe_io import SwarrError, write_folder  # SwarrError: bad input, one line (users catch swarr.SwarrError)
+from support.tokenizer import Tokenizer  # tokenizer.json (byte-level or SentencePiece BPE) and chat templates
 
 
 # =====================================================================================================
 # config: the few numbers that define a Llama / Mistral / Qwen2 / Qwen3 decoder
 # =====================================================================================================
-MAX_LAYERS = 10_000  # far above any released decoder (Llama 3.1 405B has 126 layers)
-SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
-
-
 @dataclass
 class Config:
-    arch: str                         # one of SUPPORTED
-    vocab_size: int
+    arch: str                         # LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM or Qwen3ForCausalLM
+    vocab_size: int                   # rows of the embedding and of the output layer
     dim: int                          # hidden_size
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int                   # < n_heads: grouped-query attention
-    head_dim: int
+    n_layers: int                     # transformer blocks
+    n_heads: int                      # query heads
+    n_kv_heads: int                   # key/value heads; fewer than n_heads: grouped-query attention
+    head_dim: int                     # size of each head (even: RoPE rotates pairs)
     hidden_dim: int                   # intermediate_size of the SwiGLU MLP
-    norm_eps: float = 1e-6
-    rope: dict = field(default_factory=lambda: {"rope_type": "default", "rope_theta": 10000.0})
-    max_pos: int = 4096               # max_position_embeddings (only informative: RoPE extrapolates)
-    qkv_bias: bool = False            # Qwen2
+    norm_eps: float = 1e-6            # RMSNorm epsilon
+    rope: dict = field(default_factory=lambda: {"rope_type": "default", "rope_theta": 10000.0})  # RoPE parameters
+    max_pos: int = 4096               # max_position_embeddings (the longest prompt generate accepts)
+    qkv_bias: bool = False            # Qwen2: biases on q, k and v
     qk_norm: bool = False             # Qwen3: RMSNorm over each head's q and k
-    tie_embeddings: bool = False
+    tie_embeddings: bool = False      # the output layer shares the embedding's weights
     windows: list = field(default_factory=list)  # per layer: int W or None (full attention)
     hf: dict = field(default_factory=dict)       # the original config.json, kept for saving
 
-    @staticmethod
-    def from_hf(hf: dict, where: str = "config.json") -> "Config":
-        """Read and check a config.json: every number that shapes the model, its RoPE and its windows.
-        A field that cannot mean anything raises one SwarrError naming the file and the field."""
-        if not isinstance(hf, dict):
-            raise SwarrError(f"{where}: expected a JSON object, got {type(hf).__name__}")
-        archs = hf.get("architectures") or ["?"]
-        arch = archs[0] if isinstance(archs, list) and archs else archs
-        if not isinstance(arch, str) or arch not in SUPPORTED:
-            raise SwarrError(f"{where}: architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED)}")
-        num = lambda key, **kw: config_number(hf, key, where, **kw)
-        for key in ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window"):
-            if hf.get(key) is not None and not isinstance(hf[key], bool):  # "false" would read as true
-                raise SwarrError(f"{where}: {key} must be true or false, got {hf[key]!r}")
-        n_heads, n_layers, dim = num("num_attention_heads"), num("num_hidden_layers"), num("hidden_size")
-        if n_layers > MAX_LAYERS:  # per-layer lists are built from it before any weight is read
-            raise SwarrError(f"{where}: num_hidden_layers {n_layers} is not plausible (at most {MAX_LAYERS})")
-        n_kv_heads = num("num_key_value_heads", default=n_heads)
-        if n_heads % n_kv_heads:
-            raise SwarrError(f"{where}: num_attention_heads ({n_heads}) is not a multiple of "
-                             f"num_key_value_heads ({n_kv_heads})")
-        if hf.get("head_dim") is None and dim % n_heads:
-            raise SwarrError(f"{where}: hidden_size ({dim}) is not a multiple of num_attention_heads ({n_heads}) "
-                             f"and there is no head_dim")
-        head_dim = num("head_dim", default=dim // n_heads)
-        if head_dim % 2:
-            raise SwarrError(f"{where}: head_dim must be even (RoPE rotates pairs), got {head_dim}")
-        cfg = Config(arch=arch, vocab_size=num("vocab_size"), dim=dim, n_layers=n_layers, n_heads=n_heads,
-                     n_kv_heads=n_kv_heads, head_dim=head_dim, hidden_dim=num("intermediate_size"),
-                     norm_eps=num("rms_norm_eps", kind=float, default=1e-6),
-                     max_pos=num("max_position_embeddings", default=4096),
-                     qkv_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias")),
-                     qk_norm=arch == "Qwen3ForCausalLM", tie_embeddings=bool(hf.get("tie_word_embeddings")),
-                     hf=dict(hf))
-        if hf.get("hidden_act", "silu") != "silu" or hf.get("mlp_bias"):
-            raise SwarrError(f"{where}: only SwiGLU (silu, no MLP bias) MLPs are supported")
-        eos = hf.get("eos_token_id")
-        for i in eos if isinstance(eos, list) else [] if eos is None else [eos]:
-            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < cfg.vocab_size:
-                raise SwarrError(f"{where}: eos_token_id {eos!r} is not a token id below vocab_size {cfg.vocab_size}")
-        cfg.rope = config_rope(hf, where)
-        cfg.windows = config_windows(hf, arch, n_layers, where)
-        return cfg
-
-
-_REQUIRED = object()
-
-
-def config_number(hf: dict, key: str, where: str, kind=int, default=_REQUIRED, minimum: float = 1):
-    """hf[key] as a positive int (kind=int, at least `minimum`) or a positive finite float (kind=float).
-    A missing or null field takes `default`; a required one is an error, as is a string, a bool, 0, -1 or NaN."""
-    v = hf.get(key)
-    if v is None:
-        if default is _REQUIRED:
-            raise SwarrError(f"{where}: missing field {key!r}")
-        return default
-    if kind is int:
-        ok = isinstance(v, int) and not isinstance(v, bool) and v >= minimum
-        want = f"an integer >= {minimum}"
-    else:
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1e300  # (also not NaN)
-        want = "a positive finite number"
-    if not ok:
-        raise SwarrError(f"{where}: {key} must be {want}, got {v!r}")
-    return float(v) if kind is float else v
-
-
-def config_rope(hf: dict, where: str) -> dict:
-    """The RoPE parameters. transformers 5 writes `rope_parameters`; released checkpoints use `rope_theta` +
-    `rope_scaling`. Scaled types need their factors (llama3: four numbers)."""
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    key = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
-    if not isinstance(rope, dict):
-        raise SwarrError(f"{where}: {key} must be an object, got {type(rope).__name__}")
-    given, rope = rope, dict(rope)
-    if rope.get("rope_theta") is None:
-        rope["rope_theta"] = 10000.0 if hf.get("rope_theta") is None else hf["rope_theta"]
-    rope["rope_type"] = rope.get("rope_type", rope.get("type", "default"))
-    if rope["rope_type"] not in ("default", "linear", "llama3", "yarn"):
-        raise SwarrError(f"{where}: rope type {rope['rope_type']!r} is not supported (default, linear, llama3, yarn)")
-    need = {"default": [], "linear": ["factor"], "yarn": ["factor"],
-            "llama3": ["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"]}
-    for name in ["rope_theta", *need[rope["rope_type"]]]:  # rope_theta may come from the top level
-        rope[name] = config_number(rope, name, f"{where}: {key}" if name != "rope_theta" or name in given else where,
-                                   kind=float)
-    for name in ("original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow"):
-        if rope.get(name) is not None:
-            rope[name] = config_number(rope, name, f"{where}: {key}", kind=float)
-    if (rope.get("attention_factor") or 0) > 16:  # it multiplies q and k, so every logit by its square
-        raise SwarrError(f"{where}: {key}: attention_factor {rope['attention_factor']:g} is not plausible (YaRN's own "
-                         f"is 0.1 ln(factor) + 1; above 16 the attention logits grow over 256x)")
-    if rope["rope_type"] == "llama3" and rope["low_freq_factor"] == rope["high_freq_factor"]:
-        raise SwarrError(f"{where}: {key}: low_freq_factor and high_freq_factor must differ")
-    return rope
-
-
-LAYER_TYPES = ("full_attention", "sliding_attention")
-
-
-def config_windows(hf: dict, arch: str, n_layers: int, where: str) -> list:
-    """Per-layer windows, read the way transformers reads them (W keys including the query itself): Mistral
-    windows every layer with `sliding_window` (null = full attention); Qwen2/Qwen3 only with
-    `use_sliding_window: true`, on the layers `layer_types` (or `max_window_layers`) names; Llama never."""
-    W = hf.get("sliding_window")
-    if W is not None and arch != "LlamaForCausalLM":
-        try:
-            check_window(W)
-        except SwarrError:
-            raise SwarrError(f"{where}: sliding_window must be an integer in [1, 2**31) (keys per query) or null, "
-                             f"got {W!r}") from None
-    types = hf.get("layer_types")
-    if types is not None:
-        if not isinstance(types, list) or len(types) != n_layers:
-            raise SwarrError(f"{where}: layer_types must be a list of {n_layers} entries (num_hidden_layers)")
-        for i, t in enumerate(types):
-            if t not in LAYER_TYPES:
-                raise SwarrError(f"{where}: layer_types[{i}] is {t!r}; supported: {', '.join(LAYER_TYPES)}")
-    if arch == "MistralForCausalLM":
-        return [W] * n_layers
-    if arch.startswith("Qwen"):
-        use = hf.get("use_sliding_window", False)
-        if use and W is None:
-            raise SwarrError(f"{where}: use_sliding_window is true but sliding_window is null")
-        if use:
-            first = config_number(hf, "max_window_layers", where, default=n_layers, minimum=0)
-            types = types or ["sliding_attention" if i >= first else "full_attention" for i in range(n_layers)]
-            return [W if t == "sliding_attention" else None for t in types]
-    return [None] * n_layers
-
-
-def check_window(window) -> int | None:
-    """A window is None (full attention) or a positive int: the number of keys a query sees, itself included."""
-    if window is None:
-        return None
-    if isinstance(window, bool) or not isinstance(window, int) or not 0 < window < 2 ** 31:
-        raise SwarrError(f"window must be an integer in [1, 2**31) or None, got {window!r}")
-    return window
+    @classmethod
+    def from_hf(cls, hf: dict, where: str = "config.json") -> "Config":
+        """The config of a config.json, every field checked (one SwarrError naming the file and the field)."""
+        return cls(**checkpoint.config_fields(hf, where))
 
 
 # =====================================================================================================
@@ -320,15 +170,25 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        inv_freq, self._rope_scale = rope_frequencies(cfg)
+        self.register_buffer("_inv_freq", inv_freq, persistent=False)  # float32 whatever the model's dtype: _apply
         self.checkpointing = False  # activation checkpointing per block (training memory vs compute)
+
+    def _apply(self, fn, recurse=True):
+        """.to(), .half(), .cuda() and .to_empty() pass every parameter and buffer through fn. The RoPE frequencies
+        follow the device but are computed again in float32: a bfloat16 copy would shift every angle, and to_empty()
+        (Transformer.empty) would leave them uninitialised."""
+        super()._apply(fn, recurse)
+        self._inv_freq = rope_frequencies(self.cfg)[0].to(self._inv_freq.device)
+        return self
 
     @classmethod
     def empty(cls, cfg: Config, device="cpu", dtype=torch.float32) -> "Transformer":
         """The model with uninitialised weights, built on the meta device first (no memory, no random init) and then
         given storage on `device`: the one way to build a model whose weights are about to be copied in."""
         with torch.device("meta"):
-            model = cls(cfg)
-        model.to_empty(device=device).to(dtype)
+            model = cls(cfg).to(dtype)
+        model.to_empty(device=device)
         if cfg.tie_embeddings:  # to_empty() gives every parameter its own storage: tie them again
             model.lm_head.weight = model.model.embed_tokens.weight
         return model
@@ -349,10 +209,7 @@ class Transformer(nn.Module):
         return self
 
     def rope(self, pos: torch.Tensor, dtype):
-        """cos, sin (B, 1, T, D) for absolute positions pos (B, T)."""
-        if getattr(self, "_inv_freq", None) is None or self._inv_freq.device != pos.device:
-            inv, self._rope_scale = rope_frequencies(self.cfg)
-            self._inv_freq = inv.to(pos.device)
+        """cos, sin (B, 1, T, D) for absolute positions pos (B, T), computed in float32."""
         freqs = pos[..., None].float() * self._inv_freq           # (B, T, D/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]           # (B, 1, T, D)
         return (emb.cos() * self._rope_scale).to(dtype), (emb.sin() * self._rope_scale).to(dtype)
@@ -382,7 +239,7 @@ class Transformer(nn.Module):
 
 
 # =====================================================================================================
-# attention backends: the readable PyTorch reference (the specification) and the compiled extension
+# attention backends: the readable PyTorch reference (the specification) | the compiled kernels
 # =====================================================================================================
 # Window W = number of keys a query sees, including itself: query i attends to key j iff
 # j <= i and i - j < W (HF `sliding_window`; flash-attn window_size=(W-1, 0)). window None = full.
@@ -421,99 +278,24 @@ def decode_ref(q, k_cache, v_cache, valid, scale: float | None = None) -> torch.
     return out[:, :, 0]
 
 
-# ---- the compiled extension (csrc/) ----
-# csrc/ implements the same two functions (plus the backward) as compiled kernels: C++ on the CPU everywhere,
-# CUDA where a GPU (compute capability >= 8.0) and nvcc are present, registered as torch.ops.swarr.fwd / bwd /
-# decode. load_extension (in the appendix at the end of this file) builds them on first use; if the build fails,
-# one line on stderr says why and the reference computes the same thing. SWARR_BACKEND=auto|ext|ref picks the
-# backend (set_backend does the same); SWARR_POISON=1 makes the kernels NaN-fill their outputs before writing
-# them (tests use it to catch unwritten elements).
-_BACKEND = os.environ.get("SWARR_BACKEND", "auto")
-# Under auto, the ops named in SWARR_CUDA_REF_OPS (fwd, bwd, decode; default none) take the reference on CUDA:
-# csrc/gpu_check.py times both paths per op and prints the setting that picks the faster one of each.
-_REF_OPS = {"cuda": {op for op in os.environ.get("SWARR_CUDA_REF_OPS", "").split(",") if op}}
-
-
-def set_backend(name: str):
-    """'auto' (the extension if it builds, else the reference), 'ext' (the extension, or an error) or 'ref'."""
-    global _BACKEND
-    if name not in ("auto", "ext", "ref"):
-        raise SwarrError(f"unknown attention backend {name!r}: use auto, ext or ref")
-    if _REF_OPS["cuda"] - {"fwd", "bwd", "decode"}:
-        raise SwarrError(f"SWARR_CUDA_REF_OPS={','.join(sorted(_REF_OPS['cuda']))}: name ops among fwd, bwd, decode")
-    if name == "ext" and load_extension() is None:
-        raise SwarrError(f"the compiled attention extension is unavailable: {_EXT['why']}")
-    _BACKEND = name
-
-
-def backend_name() -> str:
-    """'ext' or 'ref': the backend attention() and decode() use (inputs the extension does not cover, such as
-    float64 on a GPU or another device, still go to the reference)."""
-    set_backend(_BACKEND)  # validates SWARR_BACKEND and, for auto/ext, builds or loads the extension
-    return "ref" if _BACKEND == "ref" or load_extension() is None else "ext"
-
-
-def _ref_op(op: str, t: torch.Tensor) -> bool:
-    """Does `op` take the reference for tensors on t's device, by SWARR_CUDA_REF_OPS (under the auto backend)?"""
-    return _BACKEND == "auto" and op in _REF_OPS.get(t.device.type, ())
-
-
-def _ext_dtype(t: torch.Tensor, op: str):
-    """The dtype the extension computes t's dtype in on t's device for `op`, or None: use the reference."""
-    if _BACKEND == "ref" or _ref_op(op, t) or load_extension() is None:
-        return None
-    if t.device.type == "cpu":  # float32 kernels (float64 for checking); 16-bit inputs are computed in float32
-        return t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
-    if t.device.type == "cuda" and _EXT["cuda"] and t.dtype in (torch.float32, torch.float16, torch.bfloat16):
-        return t.dtype
-    return None
-
-
-class _WindowedAttention(torch.autograd.Function):
-    """Autograd wiring: the forward saves (q, k, v, out, lse); the backward recomputes the probabilities."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, window: int, scale: float):
-        out, lse = torch.ops.swarr.fwd(q, k, v, window, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.window, ctx.scale = window, scale
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        if _ref_op("bwd", q):  # the reference's backward: autograd through SDPA, recomputing the forward
-            with torch.enable_grad():
-                qkv = [t.detach().requires_grad_() for t in (q, k, v)]
-                return *torch.autograd.grad(attention_ref(*qkv, ctx.window, ctx.scale), qkv, dout), None, None
-        dq, dk, dv = torch.ops.swarr.bwd(dout.contiguous(), q, k, v, out, lse, ctx.window, ctx.scale)
-        return dq, dk, dv, None, None
-
-
+# csrc/ implements the same two functions (and the backward) as compiled kernels, C++ on the CPU and CUDA on a GPU,
+# registered as torch.library custom ops (csrc/ops.py), so autograd, fake tensors and torch.compile see them.
+# ops.available(t, op) is the backend choice: whether a kernel covers t's device and dtype under the backend setting
+# (SWARR_BACKEND=auto|ext|ref, ops.set_backend). Where none does, the reference computes the same thing.
 def attention(q, k, v, window: int | None, scale: float | None = None) -> torch.Tensor:
     """Windowed causal attention (differentiable), same contract as attention_ref:
     q (B,Hq,N,D), k/v (B,Hkv,N,D) -> (B,Hq,N,D); window None = full causal attention."""
-    dt = _ext_dtype(q, "fwd")
-    if dt is None:
-        return attention_ref(q, k, v, window, scale)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    W = max(1, q.shape[2]) if window is None else int(window)
-    out = _WindowedAttention.apply(q.to(dt).contiguous(), k.to(dt).contiguous(), v.to(dt).contiguous(), W, scale)
-    return out.to(q.dtype)
+    if ops.available(q, "fwd"):
+        return ops.attention(q, k, v, window, scale)
+    return attention_ref(q, k, v, window, scale)
 
 
 def decode(q, k_cache, v_cache, valid, scale: float | None = None) -> torch.Tensor:
     """One-token attention over a cache, same contract as decode_ref: q (B,Hq,D), caches (B,Hkv,S,D),
     valid (B,) = number of filled slots per row (1 <= valid <= S) -> (B,Hq,D)."""
-    dt = _ext_dtype(q, "decode")
-    if dt is None:
-        return decode_ref(q, k_cache, v_cache, valid, scale)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    valid = valid.to(device=q.device, dtype=torch.long).contiguous()
-    out = torch.ops.swarr.decode(q.to(dt).contiguous(), k_cache.to(dt).contiguous(), v_cache.to(dt).contiguous(),
-                                 valid, scale)
-    return out.to(q.dtype)
+    if ops.available(q, "decode"):
+        return ops.decode(q, k_cache, v_cache, valid, scale)
+    return decode_ref(q, k_cache, v_cache, valid, scale)
 
 
 # =====================================================================================================
@@ -614,18 +396,6 @@ class Generation:
     caches: list            # the KV caches, for inspection (bytes, shapes)
 
 
-def available_memory(device) -> float:
-    """Bytes free for new tensors on `device`: the GPU's free memory, or the host's MemAvailable (inf if unknown)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return float(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024.0 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return math.inf
-
-
 def check_generation(model: Transformer, prompts: list[list[int]], max_new_tokens: int, n_samples: int = 1):
     """Refuse, before allocating anything, a generation that cannot run: a prompt longer than the model's
     context, or KV caches (plus the token buffers) larger than the memory free on the model's device."""
@@ -637,7 +407,7 @@ def check_generation(model: Transformer, prompts: list[list[int]], max_new_token
     rows, total = len(prompts) * n_samples, longest + max_new_tokens
     slots = sum(cache_slots(w, total) for w in model.windows)  # what make_caches will allocate
     need = rows * (2 * slots * c.n_kv_heads * c.head_dim * p.element_size() + 8 * max_new_tokens)
-    free = available_memory(p.device)
+    free = checkpoint.available_memory(p.device)
     if need > free:
         raise SwarrError(f"generating {max_new_tokens} tokens for {rows} sequences needs {need / 2**30:.1f} GiB of "
                          f"KV cache, {free / 2**30:.1f} GiB is free on {p.device}: lower --max-new-tokens or the batch")
@@ -694,368 +464,6 @@ def decode_loop(model: Transformer, caches: list[KVCache], logits, max_new_token
     return Generation(out[:, :int(lengths.max()) if B else 0], lengths, done, caches)
 
 
-# =====================================================================================================
-# checkpoint I/O: HF folders (config.json + safetensors, single or sharded) in and out
-# =====================================================================================================
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _weight_files(path: str) -> dict[str, str]:
-    """tensor name -> safetensors file, from model.safetensors or model.safetensors.index.json."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.lexists(index):
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not all(isinstance(f, str) and f for f in weight_map.values()):
-            raise SwarrError(f"{index}: weight_map must map tensor names to file names")
-        files = {n: os.path.join(path, f) for n, f in weight_map.items()}
-    else:
-        single = os.path.join(path, "model.safetensors")
-        if not os.path.exists(single):
-            raise SwarrError(f"{path}: no model.safetensors or model.safetensors.index.json")
-        files = {n: single for n in _safe(single, lambda f: list(f.keys()))}
-    for fn in set(files.values()):
-        if not os.path.exists(fn):
-            raise SwarrError(f"{fn}: shard listed in the index is missing")
-        if not os.path.isfile(fn):  # a folder, FIFO or device: safetensors would fail or block on it
-            raise SwarrError(f"{fn}: not a regular file")
-    return files
-
-
-def _safe(fn: str, use):
-    """Open a safetensors file and apply `use` to it, turning a truncated/corrupt file into one clear error."""
-    try:
-        with safe_open(fn, framework="pt") as f:
-            return use(f)
-    except SwarrError:
-        raise
-    except Exception as e:  # safetensors raises its own error types for header/size problems
-        raise SwarrError(f"{fn}: cannot read safetensors file ({str(e).splitlines()[0]})") from None
-
-
-def check_size(cfg: Config, files: dict, element_size: int, device, where: str):
-    """Before building the model: the weights must hold num_hidden_layers layers, and the parameters that
-    config.json implies must fit in the memory free on `device` (a config saying 10**9 layers or a hidden size
-    of 10**7 is refused here instead of exhausting the machine)."""
-    layers = {int(m[1]) for name in files if (m := re.match(r"model\.layers\.(\d+)\.", name))}
-    if layers != set(range(cfg.n_layers)):
-        raise SwarrError(f"{where}: num_hidden_layers is {cfg.n_layers}, the weights hold {len(layers)} layers")
-    n = param_count(cfg)
-    free = available_memory(device)
-    if n * element_size > free:
-        raise SwarrError(f"{where}: the model has {n:,} parameters ({n * element_size / 2**30:.1f} GiB), more than "
-                         f"the {free / 2**30:.1f} GiB free on {device}")
-
-
-def load(path: str, dtype=torch.float32, device="cpu") -> tuple[Transformer, Tokenizer]:
-    """Load a local HF model folder: config.json, safetensors weights, tokenizer.json. Each tensor is read
-    from disk straight into its parameter (no second full copy of the model is ever held)."""
-    dtype = DTYPES.get(dtype, dtype)
-    if not path:
-        raise SwarrError("no model folder given (--model)")
-    recover(path, clean=False)  # a save interrupted at its switch leaves `path` missing for an instant: finish it
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isdir(path):
-        raise SwarrError(f"{path}: model folder not found" if not os.path.exists(path) else f"{path}: not a folder")
-    cfg = Config.from_hf(read_json(cfg_path), cfg_path)
-    tok = Tokenizer(os.path.join(path, "tokenizer.json"))
-    if tok.vocab_size > cfg.vocab_size:  # an id past the embedding would fail only at generation
-        raise SwarrError(f"{tok.path}: token ids go up to {tok.vocab_size - 1}, but config.json's vocab_size "
-                         f"(the embedding) is {cfg.vocab_size}")
-    files = _weight_files(path)
-    check_size(cfg, files, torch.empty(0, dtype=dtype).element_size(), device, cfg_path)
-    model = Transformer.empty(cfg, device, dtype)
-    params = dict(model.named_parameters())
-    for fn in sorted(set(files.values())):
-        def copy_all(f, fn=fn):
-            for name in f.keys():
-                if name.endswith("rotary_emb.inv_freq"):
-                    continue
-                if name not in params:
-                    raise SwarrError(f"{fn}: tensor {name} does not belong to a {cfg.arch} with this config.json")
-                t = f.get_slice(name)
-                if tuple(t.get_shape()) != tuple(params[name].shape):
-                    raise SwarrError(f"{fn}: tensor {name} has shape {tuple(t.get_shape())}, "
-                                     f"config.json implies {tuple(params[name].shape)}")
-                with torch.no_grad():
-                    params[name].copy_(f.get_tensor(name))
-                params.pop(name)
-        _safe(fn, copy_all)
-    if cfg.tie_embeddings:
-        params.pop("lm_head.weight", None)
-    if params:
-        raise SwarrError(f"{path}: tensor {next(iter(params))} is missing from the checkpoint")
-    return model.eval(), tok
-
-
-def export_config(model: Transformer, dtype) -> dict:
-    """config.json for the model as it is now, windows included, in the form transformers and vLLM read."""
-    cfg, windows = model.cfg, model.windows
-    hf = dict(cfg.hf)
-    hf["dtype"] = hf["torch_dtype"] = str(dtype).replace("torch.", "")
-    ws = {w for w in windows if w is not None}
-    if len(ws) > 1:
-        raise SwarrError(f"HF configs hold one sliding_window for all windowed layers; this model has {sorted(ws)}")
-    W = ws.pop() if ws else None
-    if W is not None and None in windows:  # README "Exports": what transformers and vLLM each read
-        raise SwarrError(f"windows on {sum(w is not None for w in windows)} "
-                         f"of {len(windows)} layers cannot be exported: vLLM's Qwen2/Qwen3 refuse mixed layer_types "
-                         "(or window every layer) and transformers' Mistral windows every layer; window all layers")
-    if cfg.arch.startswith("Qwen"):  # all layers windowed or none: vLLM reads use_sliding_window + sliding_window
-        hf["use_sliding_window"], hf["sliding_window"] = W is not None, W
-        hf["layer_types"] = ["sliding_attention" if W else "full_attention"] * len(windows)
-        if W is not None:
-            hf["max_window_layers"] = 0
-    elif W is not None:  # Llama or Mistral: a windowed Llama is a Mistral (Llama + sliding_window on every layer)
-        hf.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=W)
-        hf.pop("attention_bias", None), hf.pop("mlp_bias", None)
-    elif cfg.arch == "MistralForCausalLM":
-        hf["sliding_window"] = None
-    return hf
-
-
-def save(model: Transformer, tok: Tokenizer, path: str, extra_files: dict[str, str] | None = None):
-    """Write an HF folder (model.safetensors, config.json, the tokenizer's files, + extra_files name -> text) at `path`.
-
-    Atomic at every instant (safe_io.write_folder): `path` becomes a symlink to the complete folder `.NAME.vN`
-    beside it. Load the checkpoint through `path`, with swarr.load or transformers' from_pretrained."""
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
-             if not (model.cfg.tie_embeddings and k == "lm_head.weight")}
-    dtype = next(iter(state.values())).dtype
-    config = json.dumps(export_config(model, dtype), indent=2)  # raises before anything is written
-    # every tokenizer / chat template / generation-defaults file the checkpoint came with, byte for byte
-    files = {"tokenizer.json": tok.json_text, **tok.files, **(extra_files or {}), "config.json": config}
-
-    def write(folder: str):
-        save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-        for fname, data in files.items():
-            with open(os.path.join(folder, fname), "wb") as f:
-                f.write(data.encode("utf-8") if isinstance(data, str) else data)
-    write_folder(path, write)
-
-
-# Code outside this file (the support folder) generates, saves and loads through the model object it is given:
-# model.generate(prompts, ...), model.save(tok, path), type(model).load(path). The same functions as above.
-Transformer.generate, Transformer.save, Transformer.load = generate, save, staticmethod(load)
-
-
-# =====================================================================================================
-# command line
-# =====================================================================================================
-def check_device(name: str) -> torch.device:
-    """--device as a torch.device that exists here: 'cpu', 'cuda', 'cuda:1' (if there are 2 GPUs), 'mps'."""
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, TypeError, ValueError):
-        raise SwarrError(f"--device {name!r} is not a device (cpu, cuda, cuda:N, mps)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SwarrError(f"--device {name}: CUDA is not available on this machine")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise SwarrError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise SwarrError(f"--device {name}: MPS is not available on this machine")
-    if dev.type not in ("cpu", "cuda", "mps"):
-        raise SwarrError(f"--device {name}: only cpu, cuda and mps are supported")
-    return dev
-
-
-SEED_LIMIT = 2 ** 32  # seeds are combined (seed * k + step) into torch/random seeds, which must stay < 2**64
-
-
-def check_flags(a):
-    """Numbers a command line cannot mean: one error line each, before anything loads."""
-    for flag, ok, want in (("--samples", getattr(a, "samples", 1) >= 1, "at least 1"),
-                           ("--temperature", 0 <= a.temperature < math.inf, "0 (greedy) or a finite positive number"),
-                           ("--top-p", 0 < getattr(a, "top_p", 1.0) <= 1, "in (0, 1]"),
-                           ("--max-new-tokens", a.max_new_tokens >= 1, "at least 1"),
-                           ("--batch-size", getattr(a, "batch_size", 1) >= 1, "at least 1"),
-                           ("--limit", getattr(a, "limit", None) is None or a.limit >= 1, "at least 1"),
-                           ("--seed", 0 <= getattr(a, "seed", 0) < SEED_LIMIT, "in [0, 2**32)")):
-        if not ok:
-            raise SwarrError(f"{flag} must be {want}")
-    if getattr(a, "window", None) is not None:
-        check_window(a.window)
-    check_device(a.device)
-
-
-def model_from_flags(a) -> tuple[Transformer, Tokenizer]:
-    """Check the flags, then load --model (in --dtype, on --device) and apply --window to every layer."""
-    check_flags(a)
-    model, tok = load(a.model, a.dtype, a.device)
-    if a.window is not None:
-        model.set_window(a.window)
-    return model, tok
-
-
-def cmd_eval(a):
-    from support.evaluate import evaluate  # (the grader comes with it: only when evaluating)
-    check_flags(a)
-    out = a.out or os.path.join("runs", "eval-" + os.path.basename(a.model.rstrip("/")))
-    check_out_folder(out)
-    for name in ("summary.json", "samples.jsonl"):
-        if os.path.isdir(os.path.join(out, name)):
-            raise SwarrError(f"--out {out}: {name} there is a folder")
-    try:
-        records = grader.load_dataset(a.data)[:a.limit]
-    except (ValueError, OSError) as e:  # malformed line (file:line in the message) or unreadable file
-        raise SwarrError(str(e)) from None
-    if not records:
-        raise SwarrError(f"{a.data}: no records to evaluate")
-    model, tok = model_from_flags(a)
-    summary, rows = evaluate(model, tok, records, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size,
-                             samples=a.samples, temperature=a.temperature, chat=not a.raw, system=a.system,
-                             seed=a.seed)
-    summary.update(model=a.model, data=a.data, window=a.window, windows=model.windows)  # windows: as run, per layer
-    os.makedirs(out, exist_ok=True)
-    write_text_atomic(os.path.join(out, "samples.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
-    write_text_atomic(os.path.join(out, "summary.json"), json.dumps(summary, indent=2))
-    line = f"accuracy {summary['accuracy']:.4f} on {summary['n']} problems"
-    if a.samples > 1:
-        line += f" (mean of {a.samples} samples {summary['mean_accuracy']:.4f}, majority {summary['majority_accuracy']:.4f})"
-    print(f"{line}; mean length {summary['mean_length']:.1f} tokens; truncated {summary['truncated']:.1%}; "
-          f"wrote {out}/summary.json and {out}/samples.jsonl")
-
-
-def cmd_generate(a):
-    model, tok = model_from_flags(a)
-    ids = tok.encode(a.prompt, add_special_tokens=True) if a.raw else tok.encode(tok.chat(a.prompt, a.system))
-    g = generate(model, [ids], a.max_new_tokens, eos_ids=tok.stop_ids(model.cfg),
-                 temperature=a.temperature, top_p=a.top_p, seed=a.seed)
-    print(tok.decode(g.tokens[0, :int(g.lengths[0])].tolist()))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="swarr.py", description=__doc__.split("\n\n")[0],
-                                epilog="The whole recipe on the embedded tiny model and task: python demo.py",
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
-
-    def common(sp):
-        sp.add_argument("--model", required=True, help="local HF model folder (config.json, *.safetensors, tokenizer.json)")
-        sp.add_argument("--window", type=int, default=None, help="sliding window W for every layer (keys per query)")
-        sp.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-        sp.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        sp.add_argument("--seed", type=int, default=0)
-        sp.add_argument("--system", default=None, help="system message for the chat template (default: its own)")
-
-    g = sub.add_parser("generate", help="sample a completion for one prompt")
-    common(g)
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--raw", action="store_true", help="do not wrap the prompt in the model's chat format")
-    g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.set_defaults(func=cmd_generate)
-
-    e = sub.add_parser("eval", help="generate and grade completions for a math dataset (GSM8K, MATH, JSONL)")
-    common(e)
-    e.add_argument("--data", required=True, help="JSONL: GSM8K (question/answer), MATH (problem/solution), or prompt/answer")
-    e.add_argument("--limit", type=int, default=None, help="first N problems only")
-    e.add_argument("--samples", type=int, default=1, help="completions per problem (mean and majority accuracy)")
-    e.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    e.add_argument("--max-new-tokens", type=int, default=512)
-    e.add_argument("--batch-size", type=int, default=16)
-    e.add_argument("--raw", action="store_true", help="do not wrap prompts in the model's chat format")
-    e.add_argument("--out", default=None, help="folder for summary.json and samples.jsonl (default runs/eval-MODEL)")
-    e.set_defaults(func=cmd_eval)
-
-    return p
-
-
-def run_cli(fn, *args):
-    """fn(*args) for a command line: bad input (a SwarrError) becomes one `error: ...` line and exit status 2."""
-    try:
-        return fn(*args)
-    except SwarrError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    run_cli(args.func, args)
-
-
-# =====================================================================================================
-# appendix: plumbing. Building and loading the compiled extension; the CUDA-graph decode step.
-# =====================================================================================================
-_ROOT = os.path.dirname(os.path.abspath(__file__))
-_EXT: dict = {}  # filled by load_extension: {"ops": torch.ops.swarr or None, "cuda": bool, "why": str, "name": str}
-
-
-def _build_name(with_cuda: bool) -> str:
-    """Library name, unique per CPU + torch version, and with CUDA per GPU architecture + torch's CUDA version: the
-    CPU code is built with -march=native and the CUDA code for one GPU, so a build folder shared between machines
-    must never hand one a library compiled for another."""
-    cpu = platform.processor()
-    if os.path.exists("/proc/cpuinfo"):  # Linux: the model name and the instruction-set flags
-        with open("/proc/cpuinfo") as f:
-            cpu = "".join(sorted({line for line in f if line.startswith(("model name", "flags", "Features"))}))
-    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
-    tag = hashlib.sha1(f"{cpu}|{platform.machine()}|{torch.__version__}|{arch_list}".encode()).hexdigest()[:10]
-    if not with_cuda:
-        return f"swarr_ext_{tag}"
-    major, minor = torch.cuda.get_device_capability()
-    return f"swarr_ext_{tag}_cuda_sm{major}{minor}_cu{(torch.version.cuda or '').replace('.', '')}"
-
-
-def _cuda_plan(cpp_extension) -> tuple[bool, str]:
-    """(build the CUDA kernels?, why not): a one-line reason whenever a GPU is there but they cannot be built."""
-    if not torch.cuda.is_available():
-        return False, ""
-    cc, archs = torch.cuda.get_device_capability(), os.environ.get("TORCH_CUDA_ARCH_LIST", "")
-    listed = [tuple(map(int, a.split("."))) for a in re.findall(r"\d+\.\d+", archs)]
-    if cc < (8, 0) or any(a < (8, 0) for a in listed):  # cp.async, bf16 tensor cores
-        return False, f"they need sm_80 or newer; this GPU is sm_{cc[0]}{cc[1]}, TORCH_CUDA_ARCH_LIST={archs!r}"
-    if listed and "PTX" not in archs and not any(a[0] == cc[0] and a <= cc for a in listed):  # no code it can run
-        return False, f"TORCH_CUDA_ARCH_LIST={archs!r} builds no code this GPU (sm_{cc[0]}{cc[1]}) can run"
-    nvcc = os.path.join(cpp_extension.CUDA_HOME or "", "bin", "nvcc")
-    try:
-        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
-        release = re.search(r"release (\d+)\.", out).group(1)
-    except (OSError, subprocess.SubprocessError, AttributeError):
-        return False, f"no working nvcc at {nvcc!r} (set CUDA_HOME)"
-    if release != (torch.version.cuda or "").split(".")[0]:  # torch's build refuses other CUDA major versions
-        return False, f"nvcc is CUDA {release}.x but torch was built with CUDA {torch.version.cuda}"
-    return True, ""
-
-
-def load_extension():
-    """Build csrc/ (the first time: torch.utils.cpp_extension and ninja, into ./build/; later processes load the
-    cached library instantly) and load it; returns torch.ops.swarr, or None if it cannot be built."""
-    if _EXT:
-        return _EXT["ops"]
-    from torch.utils import cpp_extension  # imported on first use: it brings in setuptools (~0.5 s)
-    with_cuda, no_cuda_why = _cuda_plan(cpp_extension)
-    if no_cuda_why:  # the CPU kernels are still built; CUDA tensors take the reference
-        print(f"swarr: CUDA kernels not built: {no_cuda_why}; CUDA tensors use the PyTorch reference", file=sys.stderr)
-    name = _build_name(with_cuda)
-    build_dir = os.path.join(_ROOT, "build", name)
-    sources = [os.path.join(_ROOT, "csrc", "swa_cpu.cpp")]
-    sources += [os.path.join(_ROOT, "csrc", f) for f in ("swa_cuda.cpp", "swa_cuda.cu")] if with_cuda else []
-    # -fopenmp: at::parallel_for is header code and threads only when compiled with OpenMP (the process's one
-    # libgomp, already loaded by torch, is shared). -ffp-contract=fast: fused multiply-adds (off in ISO C++ mode).
-    cflags = ["-O3", "-fopenmp", "-ffp-contract=fast"]
-    if platform.machine() in ("x86_64", "AMD64"):
-        cflags += ["-march=native", "-mprefer-vector-width=512"]  # built where it runs; see _build_name
-    try:
-        if shutil.which(os.environ.get("CXX", "c++")) is None:
-            raise RuntimeError(f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH")
-        cpp_extension.verify_ninja_availability()
-        os.makedirs(build_dir, exist_ok=True)
-        if not os.path.exists(os.path.join(build_dir, name + ".so")):
-            print(f"swarr: compiling csrc/ into build/{name} (first use only, under a minute)", file=sys.stderr)
-        cpp_extension.load(name=name, sources=sources, build_directory=build_dir, with_cuda=with_cuda,
-                           extra_cflags=cflags, extra_ldflags=["-fopenmp"], extra_cuda_cflags=["-O3", "-lineinfo"],
-                           is_python_module=False)
-        _EXT.update(ops=torch.ops.swarr, cuda=with_cuda, why=no_cuda_why, name=name)
-    except Exception as e:  # a failed build must never stop the library: the reference computes the same thing
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        why = next((ln for ln in lines if "error:" in ln), lines[0] if lines else type(e).__name__)  # 1st diagnostic
-        _EXT.update(ops=None, cuda=False, why=why[:300])
-        print(f"swarr: compiled attention unavailable ({_EXT['why']}); using the PyTorch reference", file=sys.stderr)
-    return _EXT["ops"]
-
-
 class CudaGraphStep:
     """The decode step `tok (B,) -> logits (B, vocab)` captured once as a CUDA graph and replayed. The caches are
     preallocated and updated in place (positions included), so the graph's memory addresses never change. The
@@ -1088,6 +496,70 @@ class CudaGraphStep:
         return self.logits.clone()
 
 
+# =====================================================================================================
+# checkpoint I/O: HF folders (config.json + safetensors, single or sharded) in and out, by HF tensor names
+# =====================================================================================================
+def load(path: str, dtype=torch.float32, device="cpu") -> tuple[Transformer, Tokenizer]:
+    """Load a local HF model folder: config.json, safetensors weights, tokenizer.json. Each tensor is read
+    from disk straight into its parameter (no second full copy of the model is ever held)."""
+    ck = checkpoint.read(path, dtype, device)  # config.json, tokenizer.json and the shard index, each checked
+    cfg = Config(**ck.config)
+    model = Transformer.empty(cfg, device, ck.dtype)
+    params = dict(model.named_parameters())
+    for fn in sorted(set(ck.files.values())):
+        def copy_all(f, fn=fn):
+            for name in f.keys():
+                if name.endswith("rotary_emb.inv_freq"):  # (computed from config.json, see rope_frequencies)
+                    continue
+                if name not in params:
+                    raise SwarrError(f"{fn}: tensor {name} does not belong to a {cfg.arch} with this config.json")
+                t = f.get_slice(name)
+                if tuple(t.get_shape()) != tuple(params[name].shape):
+                    raise SwarrError(f"{fn}: tensor {name} has shape {tuple(t.get_shape())}, "
+                                     f"config.json implies {tuple(params[name].shape)}")
+                with torch.no_grad():
+                    params[name].copy_(f.get_tensor(name))
+                params.pop(name)
+        checkpoint.read_safetensors(fn, copy_all)
+    if cfg.tie_embeddings:
+        params.pop("lm_head.weight", None)
+    if params:
+        raise SwarrError(f"{path}: tensor {next(iter(params))} is missing from the checkpoint")
+    return model.eval(), ck.tokenizer
+
+
+def save(model: Transformer, tok: Tokenizer, path: str, extra_files: dict[str, str] | None = None):
+    """Write an HF folder (model.safetensors, config.json, the tokenizer's files, + extra_files name -> text) at `path`.
+
+    Atomic at every instant (safe_io.write_folder): `path` becomes a symlink to the complete folder `.NAME.vN`
+    beside it. Load the checkpoint through `path`, with swarr.load or transformers' from_pretrained."""
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
+             if not (model.cfg.tie_embeddings and k == "lm_head.weight")}
+    dtype = next(iter(state.values())).dtype
+    # config.json with the windows as transformers and vLLM read them; raises before anything is written
+    config = json.dumps(checkpoint.export_config(model.cfg, model.windows, dtype), indent=2)
+    # every tokenizer / chat template / generation-defaults file the checkpoint came with, byte for byte
+    files = {"tokenizer.json": tok.json_text, **tok.files, **(extra_files or {}), "config.json": config}
+
+    def write(folder: str):
+        save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+        for fname, data in files.items():
+            with open(os.path.join(folder, fname), "wb") as f:
+                f.write(data.encode("utf-8") if isinstance(data, str) else data)
+    write_folder(path, write)
+
+
+# Code outside this file (the support folder) generates, saves and loads through the model object it is given:
+# model.generate(prompts, ...), model.save(tok, path), type(model).load(path). The same functions as above.
+Transformer.generate, Transformer.save, Transformer.load = generate, save, staticmethod(load)
+
+
+def main(argv=None):
+    """`python swarr.py generate|eval ...`. The command line lives beside evaluation and the grader, in
+    support/evaluate.py, imported only here; it is handed `load` (the support folder never imports swarr)."""
+    from support import evaluate
+    evaluate.main(argv, load)
+
+
 if __name__ == "__main__":
-    sys.modules.setdefault("swarr", sys.modules[__name__])  # `import swarr` elsewhere gets this module, not a copy
     main()

@@ -1,26 +1,17 @@
 """Stage 1: convert a self-attention model to sliding-window attention (SWA) by supervised fine-tuning.
 
-Set a window W on some or all layers of a pretrained checkpoint, then fine-tune it on (prompt, response)
-pairs with the loss on the response tokens only, so the model relearns to work with W keys per query:
+Set a window W on some or all layers of a pretrained checkpoint, then fine-tune it on (prompt, response) pairs with
+the loss on the response tokens only, so that the model relearns to work with W keys per query:
 
     python train_sft.py --model Qwen2.5-0.5B-Instruct --window 256 --data shared/data/gsm8k/train.jsonl \
         --out runs/sft --batch-size 8 --grad-accum 4 --lr 1e-5 --epochs 1
-
-prints one line every --log-every steps, e.g.
     step 40/233  loss 0.4121  lr 9.6e-06  tok/s 5310  elapsed 95s  ETA 460s
-and writes into --out:
-    model/                  the latest checkpoint, an HF folder (swarr.save: atomic), + train_config.json
-    trainer_state-<N>.pt    optimizer moments at step N, so that --resume continues exactly
-    log.jsonl               one JSON object per logged event
 
-Every random choice (held-out split, batch order) is a function of (--seed, epoch) and the learning rate is a
-function of the step, so the step number is the whole data position and schedule state: resuming needs only the
-weights, the optimizer state and the step.
-
-As a library (the demo reuses this loop): `model = run(parser().parse_args([...]), model, tok, train, held_out)`
-with train/held_out lists of (prompt_text, response_text); `history=[]` collects the logged dicts.
-The plumbing shared with train_rl.py (flags, data files, checkpoints and --resume, the optimizer, logging) is in
-training.py.
+--out gets model/ (an HF folder + train_config.json), trainer_state-<N>.pt (optimizer moments, for --resume) and
+log.jsonl. The batch order is a function of (--seed, epoch) and the learning rate one of the step, so the step is
+the whole data position and schedule state. As a library (the demo's): `model = run(parser().parse_args([...]),
+model, tok, train, held_out, history=[])`, train/held_out lists of (prompt, response) text. The plumbing shared
+with train_rl.py is in support/training.py.
 """
 from __future__ import annotations
 
@@ -32,10 +23,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from support import distributed
-from support import grader
 import swarr
-from support import evaluate, training
+from support import distributed, grader, training
 
 
 def parser() -> argparse.ArgumentParser:
@@ -57,7 +46,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 # ---- data: records -> (prompt, response) text -> token ids ------------------------------------------
-def end_of_turn(tok: swarr.Tokenizer, cfg: swarr.Config) -> str:
+def end_of_turn(tok, cfg) -> str:
     """The token text that closes an assistant turn in the chat format tok.chat() writes."""
     for t in ("<|im_end|>", "<|eot_id|>"):
         if t in tok.special:
@@ -65,7 +54,7 @@ def end_of_turn(tok: swarr.Tokenizer, cfg: swarr.Config) -> str:
     return tok.decode(tok.stop_ids(cfg)[:1])
 
 
-def sft_pair(tok: swarr.Tokenizer, cfg: swarr.Config, rec: dict, system: str | None = None) -> tuple[str, str]:
+def sft_pair(tok, cfg, rec: dict, system: str | None = None) -> tuple[str, str]:
     """A dataset record (grader.load_dataset) -> (prompt, response). GSM8K's '#### N' line becomes a \\boxed{N}
     ending and its <<calculator>> notes go; a MATH solution already ends in \\boxed{}; a record without a
     solution answers directly. Example (ChatML):
@@ -79,7 +68,7 @@ def sft_pair(tok: swarr.Tokenizer, cfg: swarr.Config, rec: dict, system: str | N
     return tok.chat(grader.math_prompt(rec["question"]), system), sol + end_of_turn(tok, cfg)
 
 
-def tokenize(tok: swarr.Tokenizer, pairs: list, loss_on: str) -> list[tuple[list[int], int]]:
+def tokenize(tok, pairs: list, loss_on: str) -> list[tuple[list[int], int]]:
     """(prompt, response) -> (ids, start): the loss covers the tokens ids[start:]. The two parts are encoded
     separately, so the boundary is exact. Example: prompt [5, 6, 7], response [8, 9] -> ([5, 6, 7, 8, 9], 3)."""
     out = []
@@ -93,6 +82,8 @@ def plan_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> 
     """One epoch of micro-batches of similar length: shuffle, sort each run of 64 batches' worth of examples by
     length, cut into batches, shuffle the batches. Example: lengths [5, 50, 6, 48], batch_size 2 ->
     [[1, 3], [0, 2]] or [[0, 2], [1, 3]]: long with long and short with short, so little padding."""
+    # seed * 100_003 + epoch: a distinct generator seed for every (seed, epoch) while epoch < 100_003 (a prime
+    # larger than any epoch count), so two seeds' epochs never share a shuffle
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order, run = torch.randperm(len(lengths), generator=g).tolist(), 64 * batch_size
     batches = []
@@ -102,28 +93,11 @@ def plan_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> 
     return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
 
 
-# ---- the objective and the schedule --------------------------------------------------------------------
-def loss_sum(model: swarr.Transformer, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+# ---- the objective -------------------------------------------------------------------------------------
+def loss_sum(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy over the positions whose target is not -100 (the caller divides by a token count)."""
     logits = model(inputs)
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
-
-
-@torch.no_grad()
-def held_out_loss(model, examples: list, batch_size: int, device) -> float:
-    """Mean per-token loss over the held-out examples (under torchrun, each process takes its share of a batch)."""
-    model.eval()
-    order, B = sorted(range(len(examples)), key=lambda i: len(examples[i][0])), batch_size * distributed.world()
-    total, n = 0.0, 0
-    for b in range(0, len(order), B):
-        mine, any_ = distributed.share([examples[i] for i in order[b:b + B]], batch_size)
-        inputs, targets = training.collate(mine, device)
-        with training.autocast(device):
-            total += loss_sum(model, inputs, targets).item() * any_
-        n += int((targets != -100).sum()) * any_
-    model.train()
-    total, n = distributed.all_sum(total, n)
-    return total / max(n, 1)
 
 
 # ---- the training loop -----------------------------------------------------------------------------------
@@ -131,20 +105,10 @@ def held_out_loss(model, examples: list, batch_size: int, device) -> float:
 def run(args, model=None, tok=None, train=None, held_out=None, log=print, history: list | None = None):
     """Fine-tune and return the model. train/held_out: lists of (prompt, response) text; if train is None they
     come from --data and --held-out (or --held-out-frac); an in-memory `held_out` is used as given (None = none)."""
-    training.check_args(args)  # every flag, before anything is read or written
-    if train is None:  # read the data first: a bad path should fail before a large model loads
-        records = training.read_records(args.data)[:args.limit]
-        held_records = training.read_records(args.held_out, "--held-out") if args.held_out else None
-    training.open_out(args, log)  # joins the other processes under torchrun; refuses to overwrite; locks --out
-    rec = training.Recorder(args.out, log, history)
-    model, tok = training.load_model(args, model, tok)
-    device = next(model.parameters()).device
+    rec, data = training.open_run(args, log, history, model, read_data=train is None)  # checks, data, --out
+    model, tok = training.load_model(args, model, tok, swarr.load)
     if train is None:
-        train = [sft_pair(tok, model.cfg, r, args.system) for r in records]
-        if held_records is not None:
-            held_out = [sft_pair(tok, model.cfg, r, args.system) for r in held_records]
-        else:
-            train, held_out = training.split_held_out(train, args.held_out_frac, args.seed)
+        train, held_out = training.from_records(data, lambda r: sft_pair(tok, model.cfg, r, args.system), args)
     examples = [e for e in tokenize(tok, train, args.loss_on) if len(e[0]) <= args.max_len]
     held = [e for e in tokenize(tok, held_out or [], args.loss_on) if len(e[0]) <= args.max_len]
     if not examples:
@@ -152,32 +116,27 @@ def run(args, model=None, tok=None, train=None, held_out=None, log=print, histor
     rec(f"{len(examples)} training examples ({len(train) - len(examples)} longer than {args.max_len} tokens dropped), "
         f"{len(held)} held out; windows {model.windows}")
 
-    # The whole run's micro-batches, epoch after epoch: step s uses stream[s*A : (s+1)*A]. Under torchrun each
-    # micro-batch holds N*B examples (N processes of --batch-size B): process r computes on items r*B .. r*B+B-1.
-    A, B, lengths = args.grad_accum, args.batch_size, [len(ids) for ids, _ in examples]
-    per_epoch = max(1, math.ceil(len(examples) / (B * distributed.world())) // A)
+    # The run's micro-batches, epoch after epoch: step s uses stream[s*A : (s+1)*A]. Under torchrun one holds N*B
+    # examples (N processes of --batch-size B), split over the processes (see distributed.even_batches).
+    A, B, N, lengths = args.grad_accum, args.batch_size, distributed.world(), [len(ids) for ids, _ in examples]
+    per_epoch = max(1, math.ceil(len(examples) / (B * N)) // A)
     total = args.max_steps or max(1, round(args.epochs * per_epoch))
     stream, epoch = [], 0
     while len(stream) < total * A:
-        stream += plan_batches(lengths, B * distributed.world(), args.seed, epoch)
+        stream += distributed.even_batches(plan_batches(lengths, B * N, args.seed, epoch))
         epoch += 1
-
-    fwd = distributed.wrap(model, args)  # what the training forward calls: the model, DDP or the FSDP2-sharded model
-    optimizer = training.make_optimizer(model, args)
-    start = training.restore(args, model, optimizer, rec)  # --resume: the saved weights, moments and step
+    fwd, optimizer, start = training.prepare(args, model, rec)  # torchrun's wrap, AdamW, --resume
+    device = next(model.parameters()).device
     model.train()
 
-    def evaluate(step):
+    def evaluate(step):  # held-out loss, and greedy accuracy on --eval-accuracy held-out problems
         line, m = f"eval step {step}:", {"event": "eval", "step": step}
         if held:
-            m["held_out_loss"] = held_out_loss(model, held, args.batch_size, device)
+            m["held_out_loss"] = training.held_out_loss(model, held, B, loss_sum)
             line += f" held-out loss {m['held_out_loss']:.4f}"
-        if held_out and args.eval_accuracy:  # under torchrun each process takes every N-th problem
+        if held_out and args.eval_accuracy:
             probs = [{"prompt": p, "answer": grader.extract_answer(r)} for p, r in held_out[:args.eval_accuracy]]
-            mine, gen_model = probs[distributed.rank()::distributed.world()], distributed.unsharded(model)
-            right = evaluate.evaluate(gen_model, tok, mine, max_new_tokens=args.max_new_tokens, batch_size=B,
-                                   progress=False)[0]["accuracy"] * len(mine) if mine else 0.0
-            m["accuracy"] = distributed.all_sum(right)[0] / len(probs)
+            m["accuracy"] = training.accuracy(model, tok, probs, None, args.max_new_tokens, batch_size=B)
             line += f"  greedy accuracy {m['accuracy']:.3f} on {len(probs)}"
         if len(m) > 2:
             rec(line, **m)
@@ -187,16 +146,12 @@ def run(args, model=None, tok=None, train=None, held_out=None, log=print, histor
         t_step = time.time()
         micro = [[examples[i] for i in b] for b in stream[step * A:(step + 1) * A]]  # all processes' examples
         n_targets = sum(len(ids) - s for mb in micro for ids, s in mb)  # the whole accumulated (global) batch
-        lr = training.lr_at(step, total, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss = 0.0
+        loss, lr = 0.0, training.lr_at(step, total, args, optimizer)  # warmup, then cosine; set on the optimizer
         for k, mb in enumerate(micro):
-            mine, any_ = distributed.share(mb, B)
             with distributed.sync(fwd, last=k == A - 1):  # gradients summed over processes in the last backward
-                inputs, targets = training.collate(mine, device)
+                inputs, targets = training.collate(distributed.split(mb), device)  # this process's examples
                 with training.autocast(device):
-                    part = loss_sum(fwd, inputs, targets) / n_targets * any_
+                    part = loss_sum(fwd, inputs, targets) / n_targets
                 part.backward()
             loss += part.item()
             tokens += sum(len(ids) for ids, _ in mb)
@@ -206,13 +161,8 @@ def run(args, model=None, tok=None, train=None, held_out=None, log=print, histor
         busy += time.time() - t_step
         losses.append(loss)
         done = step + 1
-        if done % args.log_every == 0 or done == total:
-            el = time.time() - t0
-            rec(f"step {done}/{total}  loss {sum(losses) / len(losses):.4f}  lr {lr:.1e}  tok/s {tokens / busy:.0f}  "
-                f"elapsed {el:.0f}s  ETA {el / (done - start) * (total - done):.0f}s",
-                event="train", step=done, loss=sum(losses) / len(losses), lr=lr, grad_norm=grad_norm,
-                tokens_per_s=tokens / busy, elapsed_s=el)
-            losses = []
+        if done % args.log_every == 0 or done == total:  # the mean loss of the steps since the last line
+            training.log_sft_step(rec, done, total, losses, lr, grad_norm, tokens, busy, t0, start)
         if args.eval_every and done % args.eval_every == 0 and done < total:
             evaluate(done)
         training.save_if_due(args, model, tok, optimizer, done, total, rec)
@@ -221,9 +171,8 @@ def run(args, model=None, tok=None, train=None, held_out=None, log=print, histor
 
 
 def main(argv=None):
-    args = parser().parse_args(argv)
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on CUDA (bf16 autocast covers most of them anyway)
-    distributed.run_cli(run, args)
+    distributed.run_cli(run, parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,22 +1,24 @@
-"""The CUDA path judged in one call: build, correctness against float64, then speed against PyTorch's GPU peers.
+"""The CUDA kernels judged in one call: build, correctness against float64, then speed against PyTorch's GPU peers.
 
     python3 csrc/gpu_check.py [--out DIR] [--budget 420]
 
-Expected time: about 4 minutes on one H100/H200, the build included (1-2 minutes of it). On a lent device
-machine, run exactly this with a timeout of ~450 s (timeout_s=450); --budget (default 420 s) makes the check
-skip any stage that would start too late, so it ends by itself inside that timeout.
+Expected time: about 4 minutes on one H100/H200, the build included (1-2 minutes of it). The check keeps to its
+--budget (default 420 s): a stage that would start too late is skipped and says so, so under a wall-clock limit
+of ~450 s (timeout_s=450) it always ends by itself, with its report and summary written.
 
-Stages, in order. gpu_check.json (in --out, default $OUT or .) is rewritten after every stage, so a late failure
-or a timeout loses nothing; build.log, pytest.log and flex.json sit beside it. Every subprocess has a timeout.
+It prints one progress line per case or size as it goes, then one summary line per target (below). Every stage's
+result is in gpu_check.json (in --out, default $OUT or .), rewritten after every stage, so a late failure or a
+timeout loses nothing; build.log, pytest.log and flex.json sit beside it. Every subprocess has a timeout.
+Stages, in order:
   env      the card, versions, and two ceilings measured here: device copy GB/s, bf16 matmul TFLOP/s
-  build    swarr.load_extension() in a subprocess (the build name carries the GPU's compute capability and torch's
+  build    csrc.ops.load() in a subprocess (the build name carries the GPU's compute capability and torch's
            CUDA version), then loaded here
-  correct  out, lse, dq, dk, dv of the extension against a float64 reference, per row: the largest
-           |x - ref| / RMS(ref row) of any row (lse, a logarithm: its absolute error). Passes when the extension's
-           error is at most 2x that of PyTorch's SDPA with a window mask in the same dtype (and, for lse, under
-           1e-4). Cases: fp16 and bf16, GQA 8/2, D 64 and 128, lengths W-1, W, W+1, 2W+3, and a middle block of
-           192 queries at N=32768, W=4096 (the rest of the gradient must be exactly zero there). Outputs are
-           NaN-poisoned first, so an element the kernels never write fails.
+  correct  out, lse, dq, dk, dv of the extension (csrc.ops.attention) against a float64 reference, per row: the
+           largest |x - ref| / RMS(ref row) of any row (lse, a logarithm: its absolute error). Passes when the
+           extension's error is at most 2x that of PyTorch's SDPA with a window mask in the same dtype (and, for
+           lse, under 1e-4). Cases: fp16 and bf16, GQA 8/2, D 64 and 128, lengths W-1, W, W+1, 2W+3, and a middle
+           block of 192 queries at N=32768, W=4096 (the rest of the gradient must be exactly zero there). Outputs
+           are NaN-poisoned first, so an element the kernels never write fails.
   speed    forward and backward, bf16, B=1, 16 heads, D 64 and 128, N 8192 and 32768, W 512 and 4096: the
            extension, SDPA flash (causal, full attention) and SDPA with a window mask (the `ref` backend).
            CUDA events, medians, two input sets in turn.
@@ -27,7 +29,7 @@ or a timeout loses nothing; build.log, pytest.log and flex.json sit beside it. E
   flex     compiled FlexAttention with a sliding-window block mask (kv <= q and q - kv < W: W keys including the
            query itself) at the speed stage's sizes. It runs in a subprocess started at the beginning, so its
            compilation overlaps the build; it times only after the speed stage is done.
-  pytest   tests/test_kernels.py and tests/test_cuda_generate.py (CUDA tests included).
+  pytest   tests/test_kernels.py and tests/test_cuda_generate.py (CUDA tests and torch.library.opcheck included).
 The last lines are one summary per target: correctness; forward >= 3x SDPA flash at N=32k, W=4096, bf16;
 decode time flat in the context length; which backend is faster per op (for SWARR_CUDA_REF_OPS); the tests.
 """
@@ -48,7 +50,9 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import swarr  # noqa: E402
+import swarr  # noqa: E402  (the reference, the model and its CUDA-graph decode step)
+from csrc import ops  # noqa: E402  (the kernels under test)
+from support.safe_io import SwarrError, run_cli  # noqa: E402
 
 STAGES = ("env", "build", "correct", "speed", "decode", "flex", "pytest")
 SKIPPABLE = STAGES[2:]
@@ -72,9 +76,9 @@ def parse_args(argv=None):
     a.skip = {s for s in a.skip.split(",") if s}
     unknown = a.skip - set(SKIPPABLE)
     if unknown:
-        raise swarr.SwarrError(f"--skip: cannot skip {', '.join(sorted(unknown))}; choose from {', '.join(SKIPPABLE)}")
+        raise SwarrError(f"--skip: cannot skip {', '.join(sorted(unknown))}; choose from {', '.join(SKIPPABLE)}")
     if not (a.budget > 0 and math.isfinite(a.budget)):
-        raise swarr.SwarrError(f"--budget must be a positive number of seconds, got {a.budget}")
+        raise SwarrError(f"--budget must be a positive number of seconds, got {a.budget}")
     return a
 
 
@@ -99,7 +103,7 @@ class Report:
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise swarr.SwarrError(f"--out {out}: cannot create the folder ({e.strerror})") from None
+            raise SwarrError(f"--out {out}: cannot create the folder ({e.strerror})") from None
         self.path = self.dir / "gpu_check.json"
         self.t0, self.budget = time.time(), budget
         self.data = {"command": "python3 csrc/gpu_check.py", "budget_s": budget}
@@ -230,8 +234,8 @@ def lse_reference(q, k, W, scale):
 
 
 def ext_impl(q, k, v, W):
-    """The extension: differentiable out (swarr.attention) and its saved lse (torch.ops.swarr.fwd)."""
-    out = swarr.attention(q, k, v, W)
+    """The extension: differentiable out (ops.attention) and its saved lse (torch.ops.swarr.fwd)."""
+    out = ops.attention(q, k, v, W)
     dt = q.dtype if q.is_cuda else torch.float32  # the CPU kernels compute 16-bit inputs in float32
     _, lse = torch.ops.swarr.fwd(*(t.detach().to(dt).contiguous() for t in (q, k, v)), W, q.shape[-1] ** -0.5)
     return out, lse
@@ -362,7 +366,7 @@ def stage_speed(device, rep=None, full=True, dtype=torch.bfloat16, H=16):
             continue
         sets = [[torch.randn(1, H, N, D, device=device, dtype=dtype) for _ in range(4)] for _ in range(2)]
         r = {"D": D, "N": N, "W": W, "B": 1, "H": H, "dtype": str(dtype)[6:]}
-        r["ext_fwd_ms"], r["ext_bwd_ms"] = time_fwd_bwd(lambda q, k, v: swarr.attention(q, k, v, W), sets, device)
+        r["ext_fwd_ms"], r["ext_bwd_ms"] = time_fwd_bwd(lambda q, k, v: ops.attention(q, k, v, W), sets, device)
         r["ref_fwd_ms"], r["ref_bwd_ms"] = time_fwd_bwd(lambda q, k, v: swarr.attention_ref(q, k, v, W), sets,
                                                         device)
         if (D, N) not in flash:
@@ -411,7 +415,7 @@ def stage_decode(device, full=True, dtype=torch.bfloat16):
         kv = caches(S)
         valid = torch.full((B,), S, device=device, dtype=torch.long)
         r = {"slots": S, "kind": "ring W" if S in windows else "full context"}
-        r["ext_us"] = 1e3 * graph_ms(calls(swarr.decode, kv, valid), device)
+        r["ext_us"] = 1e3 * graph_ms(calls(ops.decode, kv, valid), device)
         if S in windows:
             r["ref_us"] = 1e3 * graph_ms(calls(swarr.decode_ref, kv, valid), device)
         r["sdpa_us"] = 1e3 * graph_ms(calls(sdpa, kv, valid), device)
@@ -541,17 +545,17 @@ def stage_env(device):
 
 
 def stage_build(rep: Report, timeout: float):
-    code = ("import json, swarr; swarr.load_extension(); "
-            "print('SWARR_EXT', json.dumps({k: v for k, v in swarr._EXT.items() if k != 'ops'}))")
+    code = ("import json; from csrc import ops; ops.load(); "
+            "print('SWARR_EXT', json.dumps({k: v for k, v in ops.status.items() if k != 'ops'}))")
     rc, secs, tail = run_bounded([sys.executable, "-c", code], timeout, rep.dir / "build.log")
     info = {"build_s": secs, "exit": rc, "log_tail": tail[-1500:]}
     if rc is None:
         raise RuntimeError(f"the build did not finish in {timeout:.0f} s (build.log)")
-    swarr.load_extension()  # built now: loads the cached library
-    info.update({k: v for k, v in swarr._EXT.items() if k != "ops"})
-    if not swarr._EXT.get("cuda"):
-        raise RuntimeError(f"the extension was built without CUDA: {swarr._EXT.get('why') or tail[-300:]}")
-    swarr.set_backend("ext")
+    ops.load()  # built now: loads the cached library
+    info.update({k: v for k, v in ops.status.items() if k != "ops"})
+    if not ops.status.get("cuda"):
+        raise RuntimeError(f"the extension was built without CUDA: {ops.status.get('why') or tail[-300:]}")
+    ops.set_backend("ext")
     return info
 
 
@@ -673,7 +677,7 @@ def main(argv=None):
     if a.flex_worker:
         return flex_worker(Path(a.out), time.time() + a.budget)
     if not torch.cuda.is_available():
-        raise swarr.SwarrError("no CUDA device: gpu_check needs one (the CPU tests are `pytest tests`)")
+        raise SwarrError("no CUDA device: gpu_check needs one (the CPU tests are `pytest tests`)")
     rep, device = Report(a.out, a.budget), "cuda"
     for f in ("flex.ready", "flex.go", "flex.json"):
         (rep.dir / f).unlink(missing_ok=True)
@@ -723,4 +727,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    swarr.run_cli(main)
+    run_cli(main)

@@ -13,7 +13,13 @@ backend's AVG: FSDP2 over gloo has been reported to sum when asked to average, P
     fsdp   FSDP2 (fully_shard): parameters, gradients and optimizer moments are split over the processes, one group
            per block plus the root (embeddings, final norm, head: tied embeddings stay in one group); a block's
            weights are all-gathered just before its forward and backward. On GPU it computes in bf16 and reduces
-           the gradients in fp32. Generation (RL rollouts, accuracy evals) runs on an unsharded copy of the weights.
+           the gradients in fp32. Generation and evaluation (rollouts, accuracy, held-out loss) run on an unsharded
+           copy of the weights, without collectives: each process takes its share and the counts are summed.
+
+Every process always has work of its own, and all run the same number of forward passes (FSDP2 gathers weights
+in each): a global batch is split by `split` (RL: --prompts-per-step must be a multiple of the number of processes;
+SFT: a micro-batch of N*B examples, the short one of an epoch left out when it has fewer than N, see even_batches),
+and --skip-zero-var, which would leave a different number of rows on each process, runs in one process only.
 
 Without torchrun (WORLD_SIZE unset) every function here is a no-op and the scripts run exactly as one process.
 A collective that waits longer than --timeout seconds for another process (one that died or hangs) stops the run.
@@ -29,7 +35,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-import swarr  # (upward: to be removed)
+from .safe_io import SwarrError
+from .safe_io import run_cli as _run_cli
 
 _DEVICE = torch.device("cpu")  # where the all-reduced scalars live (CUDA under nccl)
 
@@ -69,19 +76,40 @@ def setup(args):
         _DEVICE = torch.device(args.device)
     dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=args.timeout),
                             device_id=_DEVICE if cuda else None)
-    # The first process on each machine builds the attention extension; the others then load the built library.
-    builds = os.environ.get("SWARR_BACKEND", "auto") != "ref"
-    if builds and local == 0:
-        swarr.load_extension()
+    # The first process on each machine builds the attention kernels; the others then load the built library.
+    from csrc import ops
+    if local == 0:
+        ops.load()
     dist.barrier()
-    if builds and local != 0:
-        swarr.load_extension()
+    if local != 0:
+        ops.load()
 
 
-def check(args, global_batch: int, what: str):
-    """Refuse a global batch that does not split evenly over the processes."""
-    if global_batch % world():
-        raise swarr.SwarrError(f"{what} {global_batch} is not a multiple of the number of processes ({world()})")
+def check(args):
+    """Refuse, with one line, a run whose work would not split evenly over the processes (see the top)."""
+    n, P = world(), getattr(args, "prompts_per_step", None)
+    if P is not None and P % n:
+        raise SwarrError(f"--prompts-per-step {P} is not a multiple of the number of processes ({n})")
+    if n > 1 and getattr(args, "skip_zero_var", False):
+        raise SwarrError("--skip-zero-var runs in one process only: the groups it leaves out differ between "
+                         "processes, which must all run as many micro-batches")
+
+
+def split(items):
+    """This process's consecutive share of a global batch (a list or range): items[r*n//N : (r+1)*n//N] on rank r
+    of N. Every process gets at least one item when there are at least N. Example: 5 items over 2 processes ->
+    rank 0 [a, b], rank 1 [c, d, e]; 8 prompt slots over 2 -> range(0, 4) and range(4, 8)."""
+    n, N, r = len(items), world(), rank()
+    return items[r * n // N:(r + 1) * n // N]
+
+
+def even_batches(batches: list) -> list:
+    """The batches that `split` gives every process a part of: those with at least as many items as processes (in
+    one process, every batch). Example on 2 processes: [[a, b, c, d], [e]] -> [[a, b, c, d]]."""
+    kept = [b for b in batches if len(b) >= world()]
+    if not kept:
+        raise SwarrError(f"{sum(map(len, batches))} training examples cannot be split over {world()} processes")
+    return kept
 
 
 # ---- wrapping the model ----------------------------------------------------------------------------------
@@ -90,7 +118,7 @@ def _sum_hook(state, bucket):
     return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda f: f.value()[0])
 
 
-def wrap(model: swarr.Transformer, args):
+def wrap(model, args):
     """The module to call for training forward passes: the model itself in one process, a DDP wrapper, or the model
     sharded in place by FSDP2 (then create the optimizer after this call: it must see the sharded parameters).
     Activation checkpointing (model.checkpointing) runs inside each block's forward, so each block's FSDP hooks
@@ -121,8 +149,7 @@ def wrap(model: swarr.Transformer, args):
 @contextlib.contextmanager
 def sync(fwd, last: bool):
     """Run one micro-batch's forward and backward inside this: the gradients are summed across processes in the
-    last micro-batch's backward only; the others accumulate locally. Every process must run as many micro-batches
-    (FSDP2 gathers weights in each forward), so one without data runs a zero-weighted one."""
+    last micro-batch's backward only; the others accumulate locally. Every process runs as many micro-batches."""
     if world() > 1 and hasattr(fwd, "no_sync"):  # DDP
         with (contextlib.nullcontext() if last else fwd.no_sync()):
             yield
@@ -142,14 +169,6 @@ def all_sum(*xs: float) -> list[float]:
     return t.tolist()
 
 
-def all_max(x: int) -> int:
-    if world() == 1:
-        return x
-    t = torch.tensor([x], dtype=torch.int64, device=_DEVICE)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t)
-
-
 def all_cat(t: torch.Tensor) -> torch.Tensor:
     """Every process's t (same shape on each), concatenated along dim 0 in rank order."""
     if world() == 1:
@@ -164,13 +183,11 @@ def _is_sharded(model) -> bool:
     return any(type(p).__name__ == "DTensor" for p in model.parameters())
 
 
-def _plain_like(model, device) -> swarr.Transformer:
-    """An unsharded Transformer of the model's config and windows (uninitialised) on `device`."""
-    with torch.device("meta"):
-        plain = swarr.Transformer(model.cfg)
-    plain.to_empty(device=device).to(next(model.parameters()).dtype)
-    if model.cfg.tie_embeddings:  # to_empty() gives every parameter its own storage: tie them again
-        plain.lm_head.weight = plain.model.embed_tokens.weight
+def _plain_like(model, device):
+    """An unsharded model of the model's config and windows (uninitialised, embeddings tied as in the config) on
+    `device`. (Under FSDP2 type(model) is FSDP's subclass of the model's class; its constructor builds the plain
+    class.)"""
+    plain = type(model).empty(model.cfg, device, next(model.parameters()).dtype)
     assert plain.windows == model.windows  # cfg.windows follows set_window
     return plain
 
@@ -200,9 +217,9 @@ def full_state(model, optimizer) -> tuple:
         return None, None
     if not _is_sharded(model):
         return model, optim
-    plain = _plain_like(model, "meta")
+    plain = _plain_like(model, "cpu")  # (uninitialised storage, never written: the gathered weights replace it)
     plain.load_state_dict(weights, assign=True)
-    if model.cfg.tie_embeddings:
+    if model.cfg.tie_embeddings:  # assign=True gave lm_head a tensor of its own: tie it again
         plain.lm_head.weight = plain.model.embed_tokens.weight
     return plain, optim
 
@@ -216,11 +233,11 @@ def load_full_state(model, optimizer, weights: dict, optim: dict):
 
 
 def run_cli(fn, *args):
-    """swarr.run_cli(fn, *args) (bad input: one `error:` line, exit 2), then leave the process group. Under torchrun a
+    """safe_io.run_cli(fn, *args) (bad input: one `error:` line, exit 2), then leave the process group. Under torchrun a
     collective that fails, because another process died or did not answer within --timeout, is one `error:` line
     and exit 1 (no traceback, no hang)."""
     try:
-        swarr.run_cli(fn, *args)
+        _run_cli(fn, *args)
     except SystemExit as e:  # bad input: the error line is out. Leave without tearing the process group down: the
         if world() == 1:     # others stop at the same moment, and a teardown racing theirs can abort (SIGABRT)
             raise
@@ -242,10 +259,3 @@ def run_cli(fn, *args):
         dist.barrier()  # all processes done with their collectives before any tears its connections down
         dist.destroy_process_group()
 
-
-def share(batch: list, per_process: int) -> tuple[list, bool]:
-    """This process's slice of a global batch (rank r takes items r*per_process .. (r+1)*per_process-1) and whether
-    it has any. An empty slice stands in the batch's first item, to be weighted 0: every process runs every forward
-    (FSDP2 gathers weights in it). Example: 3 items over 2 processes of 2 -> rank 0 [a, b], rank 1 [c]."""
-    mine = batch[rank() * per_process:(rank() + 1) * per_process]
-    return (mine, True) if mine else (batch[:1], False)

@@ -1,17 +1,27 @@
-"""Evaluation: batched generation from a model, graded, summarised (the one greedy-accuracy path of every script).
+"""Evaluation: batched generation from a model, graded, summarised (the one greedy-accuracy path of every script),
+and the command line `python swarr.py generate|eval`.
 
     summary, rows = evaluate(model, tok, records, max_new_tokens=512, samples=1, temperature=0.0)
 
 summary = {"n", "accuracy" (first sample per problem), "mean_accuracy" and "majority_accuracy" (samples > 1),
 "mean_length", "truncated", "by_subject", "by_level"}; one row per completion. The model generates through
-model.generate (swarr.generate): this module never imports swarr.
+model.generate (swarr.generate), and the command line loads through the `load` swarr.main hands it: this module
+never imports swarr.
 """
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import sys
 import time
 
+import torch
+
 from . import grader
+from .checkpoint import DTYPES
+from .flags import GREEDY_OK, check_flags
+from .safe_io import SwarrError, check_out_folder, run_cli, write_text_atomic
 from .tokenizer import Tokenizer
 
 
@@ -57,8 +67,10 @@ def evaluate(model, tok: Tokenizer, records: list[dict], *, max_new_tokens: int 
              reward_fn=None) -> tuple[dict, list[dict]]:
     """Generate `samples` completions per record, grade each, and summarise.
 
-    Returns (summary, rows): summary = {"n", "accuracy" (first sample per problem, pass@1), "mean_accuracy" and
-    "majority_accuracy" (with samples > 1), "mean_length", "truncated", "by_subject", "by_level"}; one row per completion.
+    Returns (summary, rows): summary = {"n", "accuracy" (first sample per problem, pass@1, strict: the answer must
+    be marked, as the RL reward wants), "accuracy_flexible" (the grader's flexible mode: else the last number or
+    expression), "mean_accuracy" and "majority_accuracy" (with samples > 1), "mean_length", "truncated",
+    "by_subject", "by_level"}; one row per completion.
     """
     was_training = model.training
     model.eval()
@@ -72,7 +84,7 @@ def evaluate(model, tok: Tokenizer, records: list[dict], *, max_new_tokens: int 
         idx = order[b:b + batch_size]
         prompts = [tok.encode(texts[i], add_special_tokens=not chat) for i in idx]  # raw: BOS per tokenizer.json
         g = model.generate(prompts, max_new_tokens, eos_ids=stop, temperature=temperature, top_p=top_p,
-                     n_samples=samples, seed=seed + b)
+                           n_samples=samples, seed=seed + b)
         for r in range(len(idx) * samples):
             rec = records[idx[r // samples]]
             n = int(g.lengths[r])
@@ -82,6 +94,7 @@ def evaluate(model, tok: Tokenizer, records: list[dict], *, max_new_tokens: int 
             rows[idx[r // samples] * samples + r % samples] = dict(
                 id=rec.get("id", idx[r // samples]), sample=r % samples, question=rec.get("question", rec.get("prompt")),
                 gold=rec["answer"], completion=text, extracted=verdict.pred, correct=correct,
+                correct_flexible=grader.grade(text, rec["answer"], mode="flexible"),  # lm-eval's flexible-extract
                 length=n, truncated=not bool(g.stopped[r]),
                 **{k: rec[k] for k in ("subject", "level") if k in rec})
         done += len(idx)
@@ -95,6 +108,7 @@ def summarise(rows: list[dict], samples: int) -> dict:
     first = [r for r in rows if r["sample"] == 0]
     mean = lambda xs: sum(xs) / len(xs) if xs else 0.0
     s = dict(n=len(first), samples=samples, accuracy=mean([r["correct"] for r in first]),
+             accuracy_flexible=mean([r["correct_flexible"] for r in first]),
              mean_length=mean([r["length"] for r in rows]), truncated=mean([r["truncated"] for r in rows]))
     if samples > 1:
         s["mean_accuracy"] = mean([r["correct"] for r in rows])
@@ -108,3 +122,95 @@ def summarise(rows: list[dict], samples: int) -> dict:
         if groups:
             s[f"by_{key}"] = {k: {"n": len(v), "accuracy": mean(v)} for k, v in sorted(groups.items())}
     return s
+
+
+# ---- the command line: python swarr.py generate|eval ----------------------------------------------------
+def model_from_flags(a, load):
+    """Check the flags, then load --model (in --dtype, on --device) and apply --window to every layer."""
+    check_flags(a, extra=GREEDY_OK)
+    model, tok = load(a.model, a.dtype, a.device)
+    if a.window is not None:
+        model.set_window(a.window)
+    return model, tok
+
+
+def cmd_eval(a, load):
+    check_flags(a, extra=GREEDY_OK)
+    out = a.out or os.path.join("runs", "eval-" + os.path.basename(a.model.rstrip("/")))
+    check_out_folder(out)
+    for name in ("summary.json", "samples.jsonl"):
+        if os.path.isdir(os.path.join(out, name)):
+            raise SwarrError(f"--out {out}: {name} there is a folder")
+    try:
+        records = grader.load_dataset(a.data)[:a.limit]
+    except (ValueError, OSError) as e:  # malformed line (file:line in the message) or unreadable file
+        raise SwarrError(str(e)) from None
+    if not records:
+        raise SwarrError(f"{a.data}: no records to evaluate")
+    model, tok = model_from_flags(a, load)
+    summary, rows = evaluate(model, tok, records, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size,
+                             samples=a.samples, temperature=a.temperature, chat=not a.raw, system=a.system,
+                             seed=a.seed)
+    summary.update(model=a.model, data=a.data, window=a.window, windows=model.windows)  # windows: as run, per layer
+    os.makedirs(out, exist_ok=True)
+    write_text_atomic(os.path.join(out, "samples.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+    write_text_atomic(os.path.join(out, "summary.json"), json.dumps(summary, indent=2))
+    line = (f"accuracy {summary['accuracy']:.4f} (strict; flexible {summary['accuracy_flexible']:.4f}) "
+            f"on {summary['n']} problems")
+    if a.samples > 1:
+        line += f" (mean of {a.samples} samples {summary['mean_accuracy']:.4f}, majority {summary['majority_accuracy']:.4f})"
+    print(f"{line}; mean length {summary['mean_length']:.1f} tokens; truncated {summary['truncated']:.1%}; "
+          f"wrote {out}/summary.json and {out}/samples.jsonl")
+
+
+def cmd_generate(a, load):
+    model, tok = model_from_flags(a, load)
+    ids = tok.encode(a.prompt, add_special_tokens=True) if a.raw else tok.encode(tok.chat(a.prompt, a.system))
+    g = model.generate([ids], a.max_new_tokens, eos_ids=tok.stop_ids(model.cfg),
+                       temperature=a.temperature, top_p=a.top_p, seed=a.seed)
+    print(tok.decode(g.tokens[0, :int(g.lengths[0])].tolist()))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="swarr.py", description="SWARR: convert a pretrained transformer to "
+                                "sliding-window attention, then win back its accuracy with RL.",
+                                epilog="The whole recipe on the embedded tiny model and task: python demo.py",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
+
+    def common(sp):
+        sp.add_argument("--model", required=True, help="local HF model folder (config.json, *.safetensors, tokenizer.json)")
+        sp.add_argument("--window", type=int, default=None, help="sliding window W for every layer (keys per query)")
+        sp.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+        sp.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--system", default=None, help="system message for the chat template (default: its own)")
+
+    g = sub.add_parser("generate", help="sample a completion for one prompt")
+    common(g)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--raw", action="store_true", help="do not wrap the prompt in the model's chat format")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("eval", help="generate and grade completions for a math dataset (GSM8K, MATH, JSONL)")
+    common(e)
+    e.add_argument("--data", required=True, help="JSONL: GSM8K (question/answer), MATH (problem/solution), or prompt/answer")
+    e.add_argument("--limit", type=int, default=None, help="first N problems only")
+    e.add_argument("--samples", type=int, default=1, help="completions per problem (mean and majority accuracy)")
+    e.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    e.add_argument("--max-new-tokens", type=int, default=512)
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--raw", action="store_true", help="do not wrap prompts in the model's chat format")
+    e.add_argument("--out", default=None, help="folder for summary.json and samples.jsonl (default runs/eval-MODEL)")
+    e.set_defaults(func=cmd_eval)
+
+    return p
+
+
+def main(argv, load):
+    """`python swarr.py generate|eval ...` (swarr.main), loading checkpoints with `load` (swarr.load)."""
+    args = build_parser().parse_args(argv)
+    run_cli(args.func, args, load)

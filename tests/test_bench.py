@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import bench  # noqa: E402
 import swarr  # noqa: E402
+from support.checkpoint import param_count  # noqa: E402
 
 KEYS = {"model", "B", "context", "attn", "window", "status", "tok_s", "tok_s_call", "step_ms", "gbs", "kv_bytes",
         "step_bytes", "ratio", "predicted", "meas_over_pred", "prefill_ms", "prefill_status"}
@@ -156,14 +157,14 @@ def test_tiny_shape_builds_from_its_config(tiny):
 def test_qwen_shapes_match_published_parameter_counts(name, params):
     cfg = swarr.Config.from_hf(bench.SHAPES[name]())
     assert cfg.tie_embeddings and cfg.qkv_bias and cfg.rope["rope_theta"] == 1e6 and cfg.vocab_size == 151936
-    assert bench.param_count(cfg) == params  # the numbers HF reports for Qwen2.5-0.5B / 1.5B
+    assert param_count(cfg) == params  # the numbers HF reports for Qwen2.5-0.5B / 1.5B
 
 
 def test_step_bytes_by_hand(tiny):
     cfg = tiny.cfg  # V 280, D 128, 4 layers, 4 heads, 2 kv heads, head_dim 32, hidden 384, qkv bias, tied
     layer = (128 * 128 + 128) + 2 * (128 * 64 + 64) + 128 * 128 + 3 * 128 * 384 + 2 * 128
-    assert bench.param_count(cfg) == 280 * 128 + 4 * layer + 128 == 824_448
-    assert bench.param_count(cfg) == sum(p.numel() for p in tiny.parameters())
+    assert param_count(cfg) == 280 * 128 + 4 * layer + 128 == 824_448
+    assert param_count(cfg) == sum(p.numel() for p in tiny.parameters())
     # B 2, C 100, float32: KV per layer = 2 (K, V) * 2 heads * 32 dims * 4 bytes * 2 rows * positions
     assert bench.kv_bytes(cfg, None, 2, 100, 4) == 4 * 2 * 2 * 32 * 4 * 2 * 100 == 409_600
     assert bench.step_bytes(cfg, None, 2, 100, 4) == 824_448 * 4 + 409_600
@@ -172,7 +173,7 @@ def test_step_bytes_by_hand(tiny):
     assert bench.kv_bytes(cfg, [None, 16, None, 16], 2, 100, 2) == 2 * 2 * 2 * 32 * 2 * 2 * (100 + 16)
     assert bench.predicted_ratio(cfg, 16, 2, 100, 4) == pytest.approx((3_297_792 + 409_600) / (3_297_792 + 65_536))
     untied = dataclasses.replace(cfg, tie_embeddings=False)  # the lookup reads B rows, the lm_head the whole matrix
-    assert bench.param_count(untied) == 824_448 + 280 * 128
+    assert param_count(untied) == 824_448 + 280 * 128
     assert bench.weight_read_bytes(untied, 2, 4) == (824_448 + 2 * 128) * 4
 
 

@@ -10,6 +10,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import swarr  # noqa: E402
+from csrc import ops  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -19,7 +20,7 @@ PROMPTS = [[5, 9, 2], list(range(10, 23)), [7] * 8]  # lengths 3, 13 (> both win
 @pytest.fixture
 def backend():
     yield
-    swarr.set_backend("auto")
+    ops.set_backend("auto")
 
 
 class CountingStep(swarr.CudaGraphStep if torch.cuda.is_available() else object):
@@ -53,7 +54,7 @@ def run(model, backend_name, graph, monkeypatch, new_tokens=30):
     """Greedy tokens (B, T) and the final caches, through prefill + decode_loop, the step replayed from a CUDA graph
     (graph=True) or run eagerly."""
     monkeypatch.setattr(swarr, "CudaGraphStep", CountingStep if graph else EagerStep)
-    swarr.set_backend(backend_name)
+    ops.set_backend(backend_name)
     caches = swarr.make_caches(model, len(PROMPTS), max(map(len, PROMPTS)) + new_tokens)
     logits = swarr.prefill(model, PROMPTS, caches)
     g = swarr.decode_loop(model, caches, logits, new_tokens)
@@ -62,7 +63,7 @@ def run(model, backend_name, graph, monkeypatch, new_tokens=30):
 
 def test_graph_eager_and_reference_agree(backend, monkeypatch):
     model = tiny_model()
-    assert swarr.load_extension() is not None and swarr._EXT["cuda"], swarr._EXT.get("why")
+    assert ops.load() is not None and ops.status["cuda"], ops.status.get("why")
     runs = {}
     for name in ("ref", "ext"):
         for graph in (False, True):
@@ -85,7 +86,7 @@ def test_generate_matches_a_row_by_row_run(backend):
     """Batched generation with graphs (the default) equals generating each prompt alone, and n_samples rows of a
     greedy group are identical copies."""
     model = tiny_model()
-    swarr.set_backend("ext")
+    ops.set_backend("ext")
     batch = swarr.generate(model, PROMPTS, 25, n_samples=2)
     for r, p in enumerate(PROMPTS):
         alone = swarr.generate(model, [p], 25)
@@ -102,7 +103,7 @@ def test_bf16_tensor_core_prefill_graph_vs_eager(backend, monkeypatch):
     assert torch.equal(t_graph, t_eager)
     logits = {}
     for name in ("ext", "ref"):
-        swarr.set_backend(name)
+        ops.set_backend(name)
         caches = swarr.make_caches(model, len(PROMPTS), 40)
         logits[name] = swarr.prefill(model, PROMPTS, caches).float()
     err = (logits["ext"] - logits["ref"]).abs().max() / logits["ref"].abs().max()

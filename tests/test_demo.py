@@ -14,6 +14,7 @@ import demo
 import swarr
 import train_rl
 import train_sft
+from support import report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,7 +67,7 @@ def test_unknown_flag_is_refused():
 
 def test_svg_is_well_formed(tmp_path):
     path = tmp_path / "c.svg"
-    demo.svg_curve({"reward": [(1, 0.1), (2, 0.5)], "acc": [(0, 0.0), (2, 0.9)]}, {"SA": 0.99}, str(path), "t")
+    report.svg_curve({"reward": [(1, 0.1), (2, 0.5)], "acc": [(0, 0.0), (2, 0.9)]}, {"SA": 0.99}, str(path), "t")
     root = ET.parse(path).getroot()
     ns = "{http://www.w3.org/2000/svg}"
     assert len(root.findall(f"{ns}path")) == 2
@@ -75,13 +76,13 @@ def test_svg_is_well_formed(tmp_path):
 
 
 def test_wilson_interval():
-    lo, hi = demo.wilson(0, 10)
+    lo, hi = report.wilson(0, 10)
     assert lo == 0 and abs(hi - 0.2775) < 1e-3  # the textbook value for 0 of 10
-    lo, hi = demo.wilson(10, 10)
+    lo, hi = report.wilson(10, 10)
     assert hi == 1 and abs(lo - 0.7225) < 1e-3
-    lo, hi = demo.wilson(50, 100)
+    lo, hi = report.wilson(50, 100)
     assert abs(lo - 0.4038) < 1e-3 and abs(hi - 0.5962) < 1e-3
-    assert demo.wilson(200, 800)[1] - demo.wilson(200, 800)[0] < demo.wilson(50, 200)[1] - demo.wilson(50, 200)[0]
+    assert report.wilson(200, 800)[1] - report.wilson(200, 800)[0] < report.wilson(50, 200)[1] - report.wilson(50, 200)[0]
 
 
 def test_checks_follow_the_numbers():
@@ -232,7 +233,7 @@ def test_rejection_samples_counts_what_the_filter_selected(monkeypatch):
     eot = train_sft.end_of_turn(tok, model.cfg)
     assert kept == [(problem["prompt"], t + eot) for t, _ in samples[:2]] * 2
     assert counts == dict(drawn=8, kept=4, drawn_lines=[2 * 7, 2 * 12], kept_lines=[2 * 3, 2 * 6])
-    assert demo.selected(counts) == " (their lines restate 0.50 of the time, all 8 drawn 0.58)"
+    assert report.selected(counts) == " (their lines restate 0.50 of the time, all 8 drawn 0.58)"
 
 
 def test_quick_run_reproduces_the_finding(tmp_path):
@@ -248,8 +249,8 @@ def test_quick_run_reproduces_the_finding(tmp_path):
     assert sa["kv_bytes"] > 4096 / 40 * swa["kv_bytes"]
     saved = json.loads((out / "results.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(res["rows"]))
-    report = (out / "report.md").read_text()
-    assert f"| {demo.SWARR} | {rows[demo.SWARR]['accuracy']:.3f} [" in report and "rl_curve.svg" in report
+    text = (out / "report.md").read_text()
+    assert f"| {demo.SWARR} | {rows[demo.SWARR]['accuracy']:.3f} [" in text and "rl_curve.svg" in text
     ET.parse(out / "rl_curve.svg")
     for folder in demo.FOLDERS.values():
         assert swarr.load(str(out / "models" / folder))[0].windows == ([None] * 4 if folder == "sa-sft" else [40] * 4)
@@ -287,7 +288,7 @@ def test_sweep_writes_a_row_per_window(tmp_path):
     assert "| 16 |" in (tmp_path / "out" / "report.md").read_text()
     # the figure can be redrawn from results.json, whose window keys come back as strings
     back = json.loads((tmp_path / "out" / "results.json").read_text())
-    demo.sweep_svg(back, str(tmp_path / "again.svg"))
+    report.sweep_svg(back, demo.ROWS, str(tmp_path / "again.svg"))
     assert (tmp_path / "again.svg").read_text() == (tmp_path / "out" / "sweep.svg").read_text()
 
 

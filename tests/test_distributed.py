@@ -62,7 +62,7 @@ def worker(spec: dict):
     def train():
         try:
             if spec["script"] == "sft":
-                pairs = [(tok.chat(f"what is {a}+{a}?"), f"The answer is {2 * a}.<|im_end|>") for a in range(5)]
+                pairs = [(tok.chat(f"what is {a}+{a}?"), f"The answer is {2 * a}.<|im_end|>") for a in range(6)]
                 train_sft.run(train_sft.parser().parse_args(argv), model, tok, pairs, pairs[:3], history=history)
             else:
                 problems = [{"prompt": tok.chat(f"say something {i}"), "answer": ""} for i in range(8)]
@@ -135,8 +135,8 @@ def ckpt(tmp_path_factory):
     return str(path)
 
 
-# SFT: 5 examples in global micro-batches of 4 (2 processes x 2): every other step the batch is a single example, and
-# process 1's share is empty. Four steps at lr 1e-2 move the weights by percents; the comparison allows 1e-6.
+# SFT: 6 examples in global micro-batches of 4 (2 processes x 2): every other step the batch holds 2 examples, one on
+# each process. Four steps at lr 1e-2 move the weights by percents; the comparison allows 1e-6.
 SFT = ["--max-steps", "4", "--grad-accum", "2", "--lr", "1e-2", "--warmup", "1", "--window", "8", "--log-every", "1",
        "--eval-every", "2", "--save-every", "2", "--held-out-frac", "0"]
 
@@ -171,6 +171,31 @@ def test_the_comparison_catches_averaged_gradients(shard, ckpt, sft_one, tmp_pat
     norms2, norms1 = trained(h2, "grad_norm"), trained(history, "grad_norm")
     assert close(trained(h2, "loss")[:1], trained(history, "loss")[:1])  # the first step's loss does not see it
     assert not close(norms2, norms1) and abs(norms2[0][0] / norms1[0][0] - 0.5) < 1e-4
+
+
+def test_batches_split_so_that_every_process_has_work(monkeypatch):
+    """split gives each of N processes a consecutive, non-empty share of any batch of at least N items; a batch of
+    fewer (an epoch's short last SFT micro-batch) is left out, and a run whose work cannot split is one line."""
+    from support import distributed
+    from support.safe_io import SwarrError
+    assert distributed.split(list("abcde")) == list("abcde")  # one process: everything, every batch
+    assert distributed.even_batches([[1], [2, 3]]) == [[1], [2, 3]]
+    monkeypatch.setattr(distributed, "world", lambda: 2)
+    shares = {}
+    for r in (0, 1):
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        shares[r] = (distributed.split(list("abcde")), distributed.split(range(8)), distributed.split(list("ab")))
+    assert shares[0] == (list("ab"), range(0, 4), ["a"]) and shares[1] == (list("cde"), range(4, 8), ["b"])
+    assert distributed.even_batches([[1, 2, 3, 4], [5], [6, 7]]) == [[1, 2, 3, 4], [6, 7]]
+    with pytest.raises(SwarrError, match="1 training examples cannot be split over 2 processes"):
+        distributed.even_batches([[1]])
+    import train_rl
+    for argv, words in ((["--prompts-per-step", "3"], "--prompts-per-step 3 is not a multiple of the number of "
+                                                       "processes \\(2\\)"),
+                        (["--skip-zero-var"], "--skip-zero-var runs in one process only")):
+        with pytest.raises(SwarrError, match=words):
+            distributed.check(train_rl.parser().parse_args(["--prompts-per-step", "4", *argv]))
+    distributed.check(train_rl.parser().parse_args(["--prompts-per-step", "4"]))
 
 
 # RL: 4 prompts x 3 samples per step, split 2 + 2 over the processes; uneven micro-batches of 5 sequences.

@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+import torch
+
 from support import grader
 import swarr
 from support import evaluate
@@ -30,6 +32,36 @@ def test_eval_end_to_end(ckpts, tmp_path):
     for row in rows:  # every verdict is the grader's verdict on the stored completion
         verdict = grader.grade_detail(row["completion"], row["gold"])
         assert row["extracted"] == verdict.pred and row["correct"] == verdict.correct
+        assert row["correct_flexible"] == grader.grade(row["completion"], row["gold"], mode="flexible")
+    assert summary["accuracy_flexible"] == sum(r["correct_flexible"] for r in first) / 5
+    assert "strict; flexible" in r.stdout
+
+
+def test_eval_reports_strict_and_flexible(ckpts):
+    """A completion that states its answer without a marker counts under flexible only."""
+    class Said:  # a "model" whose every completion is fixed text: the grading path alone is under test
+        cfg, training = None, False
+
+        def eval(self):
+            return self
+
+        def train(self, mode=True):
+            return self
+
+        def generate(self, prompts, n, **kw):
+            ids = [tok.encode(t) for t in ("so it is 4", "The answer is \\boxed{6}.")]
+            width = max(map(len, ids))
+            rows = [ids[i % 2] + [0] * (width - len(ids[i % 2])) for i in range(len(prompts))]
+            return swarr.Generation(torch.tensor(rows), torch.tensor([len(ids[i % 2]) for i in range(len(prompts))]),
+                                    torch.ones(len(prompts), dtype=torch.bool), [])
+
+    tok = swarr.load(str(ckpts["Qwen2ForCausalLM"]))[1]
+    tok.stop_ids = lambda cfg: [-1]
+    recs = [{"prompt": "2+2?", "answer": "4"}, {"prompt": "3+3?", "answer": "6"}]
+    summary, rows = evaluate.evaluate(Said(), tok, recs, progress=False, chat=False)
+    assert [r["correct"] for r in rows] == [False, True]  # strict: the first states 4 with no marker
+    assert [r["correct_flexible"] for r in rows] == [True, True]
+    assert summary["accuracy"] == 0.5 and summary["accuracy_flexible"] == 1.0
 
 
 def test_majority_vote_groups_equivalent_answers():

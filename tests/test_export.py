@@ -1,5 +1,5 @@
 """Exports vLLM honours. vLLM has no CPU wheel, so its rules for reading windows from a config.json are written out
-here from its source (see README "Exports"), and every export is checked against them and against transformers:
+here from its source (see docs/REAL_CHECKPOINTS.md, "Exports"), and every export is checked against them and against transformers:
 - vllm/transformers_utils/config.py, is_interleaved: layer_types with more than one kind of layer;
 - vllm/model_executor/models/qwen2.py, Qwen2Model.__init__ (Qwen3Model reuses it): when is_interleaved, assert
   max_window_layers == num_hidden_layers; its attention passes no per-layer window, so every layer takes the
@@ -12,6 +12,7 @@ import pytest
 
 from conftest import ARCHS
 import swarr
+from support import checkpoint
 
 
 def vllm_windows(hf: dict) -> list:
@@ -54,7 +55,7 @@ def test_export_runs_with_the_same_windows_in_transformers_and_vllm_or_is_refuse
     elif arch == "MistralForCausalLM":
         model.set_window(None)
     try:
-        hf = swarr.export_config(model, "float32")
+        hf = checkpoint.export_config(model.cfg, model.windows, "float32")
     except swarr.SwarrError as e:
         assert layout in ("first", "last") and "window all layers" in str(e)  # refused: a mixed layout ...
         # ... rightly: the configs that could express it run differently in vLLM or in transformers

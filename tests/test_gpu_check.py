@@ -1,6 +1,6 @@
 """csrc/gpu_check.py, the one-call GPU check, exercised on the CPU: everything in it that does not need a GPU
 (command line, the error metric and its verdicts, the report file, the stages at toy sizes, the summary) runs here,
-so the one call on a lent GPU does not meet its code for the first time."""
+so a run on a GPU meets only its GPU-specific code for the first time."""
 import importlib.util
 import json
 import math
@@ -16,6 +16,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import swarr  # noqa: E402
+from csrc import ops  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "csrc" / "gpu_check.py")
 gc = importlib.util.module_from_spec(_spec)
@@ -23,10 +24,11 @@ _spec.loader.exec_module(gc)
 
 
 @pytest.fixture(scope="module")
-def ops():
-    ops = swarr.load_extension()
-    assert ops is not None, f"the extension did not build: {swarr._EXT['why']}"
-    return ops
+def lib():
+    """torch.ops.swarr, built and loaded."""
+    lib = ops.load()
+    assert lib is not None, f"the extension did not build: {ops.status['why']}"
+    return lib
 
 
 def test_help_documents_the_one_call():
@@ -100,7 +102,7 @@ def _off_by_one(delta):
     return impl
 
 
-def test_correctness_stage_on_cpu(ops):
+def test_correctness_stage_on_cpu(lib):
     """At toy sizes on the CPU: the extension passes every case in bf16, outputs poisoned; a window off by one
     either way fails every case whose length exceeds the window, and passes where it cannot matter (N <= W)."""
     res = gc.stage_correct("cpu", full=False, dtypes=(torch.bfloat16,))
@@ -133,7 +135,7 @@ class _LeakGrad(torch.autograd.Function):
         return g, dk
 
 
-def test_correctness_catches_unwritten_and_stray_gradients(ops):
+def test_correctness_catches_unwritten_and_stray_gradients(lib):
     case = gc.correctness_cases(False)[-1]  # the middle block: no checked query sees key 0
     lo = case[6][0]
 
@@ -152,7 +154,7 @@ def test_correctness_catches_unwritten_and_stray_gradients(ops):
     assert not r["ok"] and r["out"]["ext"] == math.inf
 
 
-def test_speed_decode_and_summary_on_cpu(ops, tmp_path):
+def test_speed_decode_and_summary_on_cpu(lib, tmp_path):
     """The speed and decode stages at toy sizes on the CPU (host clock instead of CUDA events and graphs), then a
     report and its summary: one line per target."""
     speed = gc.stage_speed("cpu", full=False)

@@ -3,6 +3,7 @@
 rounding, with cases that must NOT match (so a policy cannot be rewarded for them). Also: the deadline in
 worker threads and under a caller's interval timer, and the `python -m grader` command. CPU only, seconds."""
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -39,6 +40,10 @@ CASES = {
         ("\\sqrt{2} \\approx 1.414", "\\sqrt3", F), ("x ≈ 2.72", "2.72", T), ("\\frac13", "\\approx 0.3333333", T),
         ("\\frac13", "\\approx 0.33", F), ("5", "5 \\approx 6", F), ("6", "5 \\approx 6", T),
         ("3", "100 \\approx 3", T),
+        ("[-\\frac32,-1]\\cup[1,\\frac32]", "1 \\le |z| \\le 3/2", T), ("[1, 2]", "1 \\le |z| \\le 2", F),
+        ("(-\\infty,-2)\\cup(2,\\infty)", "|x| > 2", T), ("[-3, 1]", "|x + 1| \\le 2", T), ("[-3, 1]", "|x + 1| < 2", F),
+        ("(0,1)", "0<f(x)<1", T), ("(0,1)", "0 \\le f(x) < 1", F), ("[-80, 82]", "-80\\leq g(x)\\leq 82", T),
+        ("x \\gt 3", "x > 3", T), ("x \\gt 3", "x \\lt 3", F),
     ],
     "intervals": [
         ("x \\in [-2, 7]", "-2 \\le x \\le 7", T), ("[-2, 7]", "-2 \\le x \\le 7", T), ("[-2,7]", "-2 \\le x < 7", F),
@@ -124,7 +129,8 @@ CASES = {
         ("1000,99", "100099", F), ("\\frac12", "0,5", T), ("3.5", "3,5", T), ("3,5", "3.5", F),
         ("0.1", "0, 1", F), ("0, 1", "0.1", F), ("3,5", "35", F), ("2,500", "2.5", F),
         ("25\\%", "25", T), ("25\\%", "0.25", T), ("25 percent", "0.25", T), ("25\\%", "2.5", F),
-        ("12.5\\%", "0.125", T),
+        ("12.5\\%", "0.125", T), ("1000.99", "1.000,99", T), ("1000.99", "1.000,98", F), ("-2, 1", "1; -2", T),
+        ("-2, 1", "1; 2", F),
         ("\\$18", "18 dollars", T), ("18", "\\$18.00", T), ("€18", "18", T), ("18 €", "18", T), ("£5", "5", T),
         ("18", "18 \\text{ dollars}", T), ("18", "USD 19", F), ("5 \\text{ cm}", "5", T), ("5 cm", "5", T),
         ("5cm", "5", T), ("12 m²", "12", T), ("12 \\text{m}^2", "12", T), ("60 km/h", "60", T), ("60 km/h", "6", F),
@@ -150,12 +156,15 @@ CASES = {
         ("(\\frac13, 2)", "(0.3333333, 2)", T), ("(\\frac13, 2)", "(0.33, 2)", F),
         ("0.5x", "0.5000001x", F), ("0.5x + 1", "\\frac{x}{2} + 1.0", T), ("1.5\\pi", "\\frac{3\\pi}{2}", T),
         ("[\\frac13, 1]", "[0.3333333, 1]", T), ("\\frac{x}{3}", "0.3333333x", T), ("\\frac{x}{3}", "0.33x", F),
+        # a decimal meets pi or sqrt 2 only with SIG_DIGITS significant digits, however large the number
+        ("972\\pi", "3053.63", F), ("972\\pi", "3053.628059", T), ("1000\\sqrt2", "1414.21", F),
     ],
 }
 ONE_WAY = {("-2 < x < 5", "(-2, 5)"), ("x > 1 \\text{ and } x < 5", "(1,5)"), ("(3, 4)", "3 < x < 4"),
            ("(3, 4)", "x \\in (3, 4)"), ("3 < x < 4", "(3, 4)"), ("x \\in (3, 4)", "(3, 4)"),
            # one way only: a decimal comma is read in predictions, never in a gold answer
-           ("1000.99", "1000,99"), ("\\frac12", "0,5"), ("3.5", "3,5"), ("3,5", "3.5")}
+           ("1000.99", "1000,99"), ("\\frac12", "0,5"), ("3.5", "3,5"), ("3,5", "3.5"), ("1000.99", "1.000,99"),
+           ("1000.99", "1.000,98")}
 ALL = [(cat, g, p, e) for cat, rows in CASES.items() for g, p, e in rows]
 
 
@@ -196,13 +205,36 @@ COMPLETIONS = [
     ("The answer is $x=3$ or $x=-3$.", "\\pm 3", T), ("The answer is $x=3$ or $x=-3$.", "3", F),
     ("no math here at all", "5", F), ("She pays $5 and $6, so $11 in all.", "11", F),
     ("She pays $5 and $6, so $11 in all. The answer is 11.", "11", T),
+    # number formats, sets, structures and relations inside sentences
+    ("The price, after tax, is 1,000.99€", "1000.99", T), ("The price, after tax, is 1,000.99€", "1000.9", F),
+    ("So the answer is 1.000,99 €.", "1000.99", T), ("Hence she pays 18 dollars in total.", "18", T),
+    ("The roots are 1 and -2.", "-2, 1", T), ("The roots are $1$ and $-2$.", "-2, 1", T),
+    ("The answer is 1; -2", "-2, 1", T), ("The answer is 1; -2", "1", F),
+    ("The answer is the vector $\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}$.", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", T),
+    ("The answer is the interval [2,5).", "[2,5)", T), ("So x lies in [2,5).", "[2,5)", T), ("So x lies in [2,5).", "[2,5]", F),
+    ("Thus we get \\frac{17}{21}.", "\\frac{17}{21}", T), ("so x = 5", "5", T), ("\\text{C}", "\\text{(C)}", T),
+    ("The range is $0<f(x)<1$.", "(0,1)", T), ("The answer is $1 \\le |z| \\le 3/2$.", "[-\\frac32,-1]\\cup[1,\\frac32]", T),
+    ("We get $x \\gt 3$.", "(3, \\infty)", T), ("We get $x \\neq 3$.", "(-\\infty,3)\\cup(3,\\infty)", T),
+    (".185", ".185", T), ("The answer is therefore $\\$32,\\!348$, as claimed.", "32348", T),
 ]
+
+
+# A marker makes an answer final (strict mode, the RL reward); flexible mode also reads an unmarked completion's
+# last math span or number. `expected` is the flexible verdict; strict agrees on marked completions and says
+# 'no answer' on the others. Where flexible reads something strict cannot, its verdict is given here:
+MARKED = re.compile(r"(?i)\\boxed|####|\banswer")
+FLEXIBLE = {("She pays $5 and $6, so $11 in all.", "11"): T}  # prices are not math spans, but 11 is the last number
 
 
 @pytest.mark.parametrize("completion,gold,expected", COMPLETIONS)
 def test_final_answer_conventions(completion, gold, expected):
     v = grader.grade_detail(completion, gold)
-    assert v.correct is expected, v
+    strict_expected = expected if (completion, gold) not in FLEXIBLE else not FLEXIBLE[completion, gold]
+    assert v.correct is (strict_expected and bool(MARKED.search(completion))), v
+    assert v.reason == "no answer" or MARKED.search(completion), v
+    v = grader.grade_detail(completion, gold, mode="flexible")
+    assert v.correct is FLEXIBLE.get((completion, gold), expected), v
+    assert grader.grade(completion, gold, mode="flexible") is v.correct
 
 
 @pytest.mark.parametrize("text,answer", [
@@ -217,7 +249,9 @@ def test_final_answer_conventions(completion, gold, expected):
     ("The answer is $5$ because $6$ is too big.", "5"), ("nothing marked", None), ("prices: $5 and $6", None),
 ])
 def test_extraction_without_box(text, answer):
-    assert grader.extract_answer(text) == answer
+    """`answer` is what strict mode reads when the text marks it, and flexible mode always (prices aside)."""
+    assert grader.extract_answer(text, mode="flexible") == {"prices: $5 and $6": "6"}.get(text, answer)
+    assert grader.extract_answer(text) == (answer if MARKED.search(text) else None)
 
 
 def test_case_count():
@@ -226,9 +260,9 @@ def test_case_count():
 
 
 def test_agreement_by_category_report():
-    """Prints the table the README quotes; every case must agree (asserted case by case above)."""
+    """Prints the agreement per category; every case must agree (asserted case by case above)."""
     rows = [(cat, grader.judge(g, p).correct == e) for cat, g, p, e in ALL]
-    rows += [("final answers", grader.grade(c, g) == e) for c, g, e in COMPLETIONS]
+    rows += [("final answers", grader.grade(c, g, mode="flexible") == FLEXIBLE.get((c, g), e)) for c, g, e in COMPLETIONS]
     table = {}
     for cat, ok in rows:
         table.setdefault(cat, []).append(ok)

@@ -1,4 +1,5 @@
-"""The compiled windowed attention (csrc/) against the PyTorch reference in swarr.py.
+"""The compiled windowed attention (csrc/: torch.ops.swarr.fwd, bwd, decode and csrc/ops.py) against the PyTorch
+reference in swarr.py, and the ops as torch.library sees them (torch.library.opcheck, torch.compile, torch.export).
 
 CPU tests always run (the extension must build wherever a C++ compiler is present); CUDA tests skip without a
 GPU; the nvcc test compiles the CUDA sources wherever nvcc is installed, so a CUDA compile error fails here too.
@@ -16,6 +17,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import swarr  # noqa: E402
+from csrc import ops  # noqa: E402
 
 # (B, Hq, Hkv, N, D, W): the guide's edge cases -- N in {1, W-1, W, W+1, 2W, 2W+3}, W = 1, W >= N, grouped-query
 # attention, batch > 1, lengths that are not multiples of the CPU tiles (32 queries, 64 keys), odd head dims.
@@ -36,10 +38,11 @@ IDS = [f"B{b}-H{h}/{hk}-N{n}-D{d}-W{w}" for b, h, hk, n, d, w in CASES]
 
 
 @pytest.fixture(scope="module")
-def ops():
-    ops = swarr.load_extension()
-    assert ops is not None, f"the extension did not build: {swarr._EXT['why']}"
-    return ops
+def lib():
+    """torch.ops.swarr, built and loaded."""
+    lib = ops.load()
+    assert lib is not None, f"the extension did not build: {ops.status['why']}"
+    return lib
 
 
 @pytest.fixture
@@ -52,7 +55,7 @@ def poison(monkeypatch):
 def backend():
     """Restore the backend after a test that changes it."""
     yield
-    swarr.set_backend("auto")
+    ops.set_backend("auto")
 
 
 def qkv(B, Hq, Hkv, N, D, dtype=torch.float64, device="cpu", grad=False):
@@ -78,21 +81,21 @@ def lse_ref(q, k, window, scale):
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_forward_cpu(ops, poison, case):
+def test_forward_cpu(lib, poison, case):
     B, Hq, Hkv, N, D, W = case
     q, k, v = qkv(B, Hq, Hkv, N, D)
     scale = D ** -0.5
     ref = swarr.attention_ref(q, k, v, W)
-    out, lse = ops.fwd(q.float(), k.float(), v.float(), W, scale)  # float32 kernel vs float64 reference
+    out, lse = lib.fwd(q.float(), k.float(), v.float(), W, scale)  # float32 kernel vs float64 reference
     assert out.dtype == torch.float32 and out.shape == q.shape and lse.shape == (B, Hq, N)
     assert rel_err(out, ref) < 1e-4
     assert rel_err(lse, lse_ref(q, k, W, scale)) < 1e-4
-    out64, _ = ops.fwd(q, k, v, W, scale)  # the float64 instantiation agrees to rounding
+    out64, _ = lib.fwd(q, k, v, W, scale)  # the float64 instantiation agrees to rounding
     assert rel_err(out64, ref) < 1e-12
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_backward_cpu(ops, poison, case):
+def test_backward_cpu(lib, poison, case):
     B, Hq, Hkv, N, D, W = case
     q, k, v = qkv(B, Hq, Hkv, N, D, grad=True)
     ref = swarr.attention_ref(q, k, v, W)
@@ -105,21 +108,21 @@ def test_backward_cpu(ops, poison, case):
         assert g.shape == gr.shape and rel_err(g, gr) < 1e-4, f"d{name}"
 
 
-def test_gradcheck_cpu(ops):
+def test_gradcheck_cpu(lib):
     """torch.autograd.gradcheck through swarr.attention, which runs the float64 CPU kernel."""
-    assert swarr.backend_name() == "ext"
+    assert ops.backend_name() == "ext"
     for B, Hq, Hkv, N, D, W in [(1, 2, 1, 9, 4, 3), (2, 2, 2, 5, 3, 1), (1, 4, 2, 7, 8, 16)]:
         q, k, v = qkv(B, Hq, Hkv, N, D, grad=True)
         assert torch.autograd.gradcheck(lambda q, k, v: swarr.attention(q, k, v, W), (q, k, v))
 
 
-def test_full_attention_and_scale(ops):
+def test_full_attention_and_scale(lib):
     q, k, v = qkv(2, 4, 2, 50, 16)
     assert rel_err(swarr.attention(q, k, v, None), swarr.attention_ref(q, k, v, None)) < 1e-12
     assert rel_err(swarr.attention(q, k, v, 7, scale=0.3), swarr.attention_ref(q, k, v, 7, scale=0.3)) < 1e-12
 
 
-def test_huge_window_is_full_attention(ops):
+def test_huge_window_is_full_attention(lib):
     """A window far beyond the length (up to INT64_MAX) means full causal attention; index arithmetic such as j + W
     must not overflow (the glue clamps W to N)."""
     q, k, v = qkv(1, 4, 2, 37, 8, grad=True)
@@ -133,7 +136,7 @@ def test_huge_window_is_full_attention(ops):
             assert rel_err(g, gr) < 1e-12, W
 
 
-def test_wrapper_casts_and_makes_contiguous(ops):
+def test_wrapper_casts_and_makes_contiguous(lib):
     """bf16 inputs are computed in float32 on the CPU and returned as bf16; (B, N, H, D) views are accepted."""
     x = torch.randn(2, 40, 4, 16)  # (B, N, H, D) as a projection produces it
     q = x.transpose(1, 2)          # non-contiguous (B, H, N, D)
@@ -159,13 +162,13 @@ def ring_caches(lengths, W, Hkv, D, dtype=torch.float64):
 
 
 @pytest.mark.parametrize("W,Hq,Hkv,D", [(16, 4, 2, 16), (1, 2, 1, 8), (37, 8, 2, 64), (5, 3, 3, 24)])
-def test_decode_cpu(ops, poison, W, Hq, Hkv, D):
+def test_decode_cpu(lib, poison, W, Hq, Hkv, D):
     # rows at different lengths: before the buffer fills, full, right after wrap-around, long after it
     lengths = [1, W - 1 or 1, W, W + 1, 2 * W, 2 * W + 3]
     k_seq, v_seq, k_cache, v_cache, valid = ring_caches(lengths, W, Hkv, D)
     q = torch.randn(len(lengths), Hq, D, dtype=torch.float64)
     ref = swarr.decode_ref(q, k_cache, v_cache, valid)
-    assert rel_err(ops.decode(q.float(), k_cache.float(), v_cache.float(), valid, D ** -0.5), ref) < 1e-4
+    assert rel_err(lib.decode(q.float(), k_cache.float(), v_cache.float(), valid, D ** -0.5), ref) < 1e-4
     assert rel_err(swarr.decode(q, k_cache, v_cache, valid), ref) < 1e-12
     # and the ring buffer means exactly the window: the last query of the sequence under windowed attention
     for b, n in enumerate(lengths):
@@ -175,23 +178,23 @@ def test_decode_cpu(ops, poison, W, Hq, Hkv, D):
         assert rel_err(swarr.decode(q[b:b + 1], k_cache[b:b + 1], v_cache[b:b + 1], valid[b:b + 1])[0], last) < 1e-12
 
 
-def test_bad_inputs_raise(ops):
+def test_bad_inputs_raise(lib):
     q, k, v = qkv(1, 4, 2, 10, 8, dtype=torch.float32)
     q1, scale = q[:, :, 0].contiguous(), 0.5  # one decode query per row
     bad = {
-        "window 0": lambda: ops.fwd(q, k, v, 0, scale),
-        "int dtype": lambda: ops.fwd(q.int(), k.int(), v.int(), 4, scale),
-        "dtype mismatch": lambda: ops.fwd(q, k.double(), v, 4, scale),
-        "non-contiguous": lambda: ops.fwd(q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3), 4, scale),
-        "3-D input": lambda: ops.fwd(q[0], k[0], v[0], 4, scale),
-        "heads not a multiple": lambda: ops.fwd(torch.randn(1, 3, 10, 8), k, v, 4, scale),
-        "k/v shapes differ": lambda: ops.fwd(q, k, v[:, :, :5].contiguous(), 4, scale),
-        "length mismatch": lambda: ops.fwd(q[:, :, :5].contiguous(), k, v, 4, scale),
-        "bwd lse shape": lambda: ops.bwd(q, q, k, v, q, torch.zeros(1, 4, 9), 4, scale),
-        "decode valid 0": lambda: ops.decode(q1, k, v, torch.tensor([0]), scale),
-        "decode valid > S": lambda: ops.decode(q1, k, v, torch.tensor([11]), scale),
-        "decode valid int32": lambda: ops.decode(q1, k, v, torch.tensor([3], dtype=torch.int32), scale),
-        "decode valid shape": lambda: ops.decode(q1, k, v, torch.tensor([3, 3]), scale),
+        "window 0": lambda: lib.fwd(q, k, v, 0, scale),
+        "int dtype": lambda: lib.fwd(q.int(), k.int(), v.int(), 4, scale),
+        "dtype mismatch": lambda: lib.fwd(q, k.double(), v, 4, scale),
+        "non-contiguous": lambda: lib.fwd(q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3), 4, scale),
+        "3-D input": lambda: lib.fwd(q[0], k[0], v[0], 4, scale),
+        "heads not a multiple": lambda: lib.fwd(torch.randn(1, 3, 10, 8), k, v, 4, scale),
+        "k/v shapes differ": lambda: lib.fwd(q, k, v[:, :, :5].contiguous(), 4, scale),
+        "length mismatch": lambda: lib.fwd(q[:, :, :5].contiguous(), k, v, 4, scale),
+        "bwd lse shape": lambda: lib.bwd(q, q, k, v, q, torch.zeros(1, 4, 9), 4, scale),
+        "decode valid 0": lambda: lib.decode(q1, k, v, torch.tensor([0]), scale),
+        "decode valid > S": lambda: lib.decode(q1, k, v, torch.tensor([11]), scale),
+        "decode valid int32": lambda: lib.decode(q1, k, v, torch.tensor([3], dtype=torch.int32), scale),
+        "decode valid shape": lambda: lib.decode(q1, k, v, torch.tensor([3, 3]), scale),
     }
     for name, call in bad.items():
         with pytest.raises(RuntimeError, match="swarr"):
@@ -199,19 +202,20 @@ def test_bad_inputs_raise(ops):
             pytest.fail(f"no error for {name}")
 
 
-def test_backend_switch(ops, backend):
+def test_backend_switch(lib, backend):
     q, k, v = qkv(1, 2, 1, 20, 8)
-    assert swarr.backend_name() == "ext"
-    swarr.set_backend("ref")
-    assert swarr.backend_name() == "ref"
+    assert ops.backend_name() == "ext" and ops.available(q, "fwd")
+    assert not ops.available(q.to("meta"), "fwd")  # a device the kernels do not cover takes the reference
+    ops.set_backend("ref")
+    assert ops.backend_name() == "ref" and not any(ops.available(q, op) for op in ops.OPS)
     assert rel_err(swarr.attention(q, k, v, 5), swarr.attention_ref(q, k, v, 5)) < 1e-12
-    swarr.set_backend("ext")
-    assert swarr.backend_name() == "ext"
-    with pytest.raises(swarr.SwarrError):
-        swarr.set_backend("fast")
+    ops.set_backend("ext")
+    assert ops.backend_name() == "ext"
+    with pytest.raises(ops.BackendError):
+        ops.set_backend("fast")
 
 
-def test_model_ext_matches_ref(ops, backend):
+def test_model_ext_matches_ref(lib, backend):
     """A small GQA model with a windowed and a full layer: same logits, gradients and greedy tokens on both."""
     torch.manual_seed(0)
     cfg = swarr.Config(arch="LlamaForCausalLM", vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
@@ -220,7 +224,7 @@ def test_model_ext_matches_ref(ops, backend):
     idx = torch.randint(0, 97, (2, 23))
     results = {}
     for name in ("ref", "ext"):
-        swarr.set_backend(name)
+        ops.set_backend(name)
         model.zero_grad()
         logits = model(idx)
         logits.square().mean().backward()
@@ -234,19 +238,85 @@ def test_model_ext_matches_ref(ops, backend):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# CUDA (skipped without a GPU)
+# The ops as torch.library sees them: schema, fake (shape-only) kernels, autograd registration, and the traced
+# forward and backward under dynamic shapes (torch.library.opcheck); torch.compile and torch.export through them
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+def opcheck_args(op, device, dtype):
+    """Small inputs for one op: GQA 4/2, N = 37 (off the CPU tiles) with a window of 5; fwd's inputs require grad,
+    so opcheck also checks its autograd registration and traces its backward (which calls swarr::bwd)."""
+    def rnd(*shape, grad=False):
+        return torch.randn(*shape, device=device, dtype=dtype, requires_grad=grad)
+    if op == "decode":
+        return rnd(2, 4, 8), rnd(2, 2, 6, 8), rnd(2, 2, 6, 8), torch.tensor([3, 6], device=device), 0.3
+    q, k, v = rnd(2, 4, 37, 8, grad=True), rnd(2, 2, 37, 8, grad=True), rnd(2, 2, 37, 8, grad=True)
+    if op == "fwd":
+        return q, k, v, 5, 0.3
+    out, lse = torch.ops.swarr.fwd(q.detach(), k.detach(), v.detach(), 5, 0.3)
+    return torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, 5, 0.3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("op", ops.OPS)
+def test_opcheck_cpu(lib, op, dtype):
+    result = torch.library.opcheck(getattr(lib, op).default, opcheck_args(op, "cpu", dtype), test_utils=OPCHECK_UTILS)
+    assert result == {name: "SUCCESS" for name in OPCHECK_UTILS}
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("op", ops.OPS)
+def test_opcheck_cuda(lib, op, dtype):
+    assert ops.status["cuda"], "CUDA is available but the extension was built without it"
+    result = torch.library.opcheck(getattr(lib, op).default, opcheck_args(op, "cuda", dtype), test_utils=OPCHECK_UTILS)
+    assert result == {name: "SUCCESS" for name in OPCHECK_UTILS}
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # inside torch's compiler
+def test_compile_matches_eager(lib):
+    """torch.compile(fullgraph=True) traces the backend choice and the op (its fake kernel gives the shapes) with no
+    graph break; the compiled forward and backward equal eager's."""
+    def attend(q, k, v):
+        assert ops.available(q, "fwd")  # the choice swarr.attention makes, a constant to the tracer
+        return ops.attention(q, k, v, 5)
+    q, k, v = qkv(1, 4, 2, 37, 8, dtype=torch.float32, grad=True)
+    dout = torch.randn_like(q)
+    eager = attend(q, k, v)
+    compiled = torch.compile(attend, fullgraph=True)(q, k, v)
+    assert torch.equal(compiled, eager)
+    for g, ge in zip(torch.autograd.grad(compiled, (q, k, v), dout), torch.autograd.grad(eager, (q, k, v), dout)):
+        assert torch.equal(g, ge)
+
+
+def test_export_sees_the_ops(lib):
+    """torch.export records swarr::fwd and swarr::decode as single nodes; the exported program runs them."""
+    class Attend(torch.nn.Module):
+        def forward(self, q, k, v, q1, k_cache, v_cache, valid):
+            return ops.attention(q, k, v, 5), ops.decode(q1, k_cache, v_cache, valid)
+    q1, k_cache, v_cache, valid, _ = opcheck_args("decode", "cpu", torch.float32)
+    args = (*qkv(1, 4, 2, 37, 8, dtype=torch.float32), q1, k_cache, v_cache, valid)
+    program = torch.export.export(Attend(), args)
+    targets = [n.target for n in program.graph.nodes]
+    assert torch.ops.swarr.fwd.default in targets and torch.ops.swarr.decode.default in targets
+    for got, want in zip(program.module()(*args), Attend()(*args)):
+        assert torch.equal(got, want)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU)
 
 
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", CASES + [(1, 4, 2, 200, 128, 70), (2, 8, 2, 513, 64, 100)],
                          ids=IDS + ["D128", "D64-long"])
-def test_forward_backward_cuda(ops, poison, dtype, case):
+def test_forward_backward_cuda(lib, poison, dtype, case):
     B, Hq, Hkv, N, D, W = case
-    assert swarr._EXT["cuda"], "CUDA is available but the extension was built without it"
+    assert ops.status["cuda"], "CUDA is available but the extension was built without it"
     q, k, v = (t.to(dtype) for t in qkv(B, Hq, Hkv, N, D, dtype=torch.float32, device="cuda"))
     q, k, v = (t.double().requires_grad_() for t in (q, k, v))  # the reference sees the same rounded inputs
     ref = swarr.attention_ref(q, k, v, W)
@@ -255,7 +325,7 @@ def test_forward_backward_cuda(ops, poison, dtype, case):
     qd, kd, vd = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
     out = swarr.attention(qd, kd, vd, W)
     assert out.dtype == dtype and rel_err(out, ref) < TOL[dtype]
-    _, lse = ops.fwd(qd.detach(), kd.detach(), vd.detach(), W, D ** -0.5)
+    _, lse = lib.fwd(qd.detach(), kd.detach(), vd.detach(), W, D ** -0.5)
     assert rel_err(lse, lse_ref(q.detach(), k.detach(), W, D ** -0.5)) < TOL[dtype]
     grads = torch.autograd.grad(out, (qd, kd, vd), dout)
     for name, g, gr in zip("qkv", grads, grads_ref):
@@ -264,7 +334,7 @@ def test_forward_backward_cuda(ops, poison, dtype, case):
 
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_decode_cuda(ops, poison, dtype):
+def test_decode_cuda(lib, poison, dtype):
     W, Hq, Hkv, D = 37, 8, 2, 64
     lengths = [1, W - 1, W, W + 1, 2 * W + 3]
     _, _, k_cache, v_cache, valid = ring_caches(lengths, W, Hkv, D, dtype=torch.float32)
@@ -289,21 +359,21 @@ def test_cuda_graph_generation_matches_cpu():
 
 
 @cuda
-def test_bad_inputs_cuda(ops):
+def test_bad_inputs_cuda(lib):
     q, k, v = qkv(1, 4, 2, 10, 8, dtype=torch.float32, device="cuda")
     q1 = q[:, :, 0].contiguous()
-    for call in (lambda: ops.fwd(q, k, v, 0, 0.5), lambda: ops.fwd(q.double(), k.double(), v.double(), 4, 0.5),
-                 lambda: ops.fwd(q, k.cpu(), v, 4, 0.5), lambda: ops.fwd(q.transpose(2, 3), k, v, 4, 0.5),
-                 lambda: ops.decode(q1, k, v, torch.tensor([0], device="cuda"), 0.5),  # as on the CPU: valid in [1, S]
-                 lambda: ops.decode(q1, k, v, torch.tensor([11], device="cuda"), 0.5),
-                 lambda: ops.decode(q1, k, v, torch.tensor([3]), 0.5)):  # valid on another device
+    for call in (lambda: lib.fwd(q, k, v, 0, 0.5), lambda: lib.fwd(q.double(), k.double(), v.double(), 4, 0.5),
+                 lambda: lib.fwd(q, k.cpu(), v, 4, 0.5), lambda: lib.fwd(q.transpose(2, 3), k, v, 4, 0.5),
+                 lambda: lib.decode(q1, k, v, torch.tensor([0], device="cuda"), 0.5),  # as on the CPU: valid in [1, S]
+                 lambda: lib.decode(q1, k, v, torch.tensor([11], device="cuda"), 0.5),
+                 lambda: lib.decode(q1, k, v, torch.tensor([3]), 0.5)):  # valid on another device
         with pytest.raises(RuntimeError, match="swarr"):
             call()
 
 
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_huge_window_cuda(ops, poison, dtype):
+def test_huge_window_cuda(lib, poison, dtype):
     """W far beyond N (up to INT64_MAX) is full causal attention on the GPU too, forward and backward."""
     q, k, v = (t.to(dtype).requires_grad_() for t in qkv(1, 4, 2, 150, 64, dtype=torch.float32, device="cuda"))
     dout = torch.randn_like(q)
@@ -372,14 +442,14 @@ def test_build_name_keys_the_gpu_and_cuda_version(monkeypatch):
     monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
     monkeypatch.setattr(torch.version, "cuda", "12.8")
-    h100 = swarr._build_name(True)
-    assert h100.endswith("_cuda_sm90_cu128") and swarr._build_name(False) == h100.split("_cuda")[0]
+    h100 = ops._build_name(True)
+    assert h100.endswith("_cuda_sm90_cu128") and ops._build_name(False) == h100.split("_cuda")[0]
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
-    assert swarr._build_name(True).endswith("_cuda_sm80_cu128")
+    assert ops._build_name(True).endswith("_cuda_sm80_cu128")
     monkeypatch.setattr(torch.version, "cuda", "13.0")
-    assert swarr._build_name(True).endswith("_cuda_sm80_cu130")
+    assert ops._build_name(True).endswith("_cuda_sm80_cu130")
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    assert swarr._build_name(True).split("_cuda")[0] != h100.split("_cuda")[0]
+    assert ops._build_name(True).split("_cuda")[0] != h100.split("_cuda")[0]
 
 
 def _fake_nvcc(tmp_path, release):
@@ -395,48 +465,49 @@ def test_cuda_plan_says_why_it_falls_back(monkeypatch, tmp_path):
     monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
     ext13 = _fake_nvcc(tmp_path, "13.0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert swarr._cuda_plan(ext13) == (False, "")  # no GPU: nothing to fall back from, nothing to say
+    assert ops._cuda_plan(ext13) == (False, "")  # no GPU: nothing to fall back from, nothing to say
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
     monkeypatch.setattr(torch.version, "cuda", "13.0")
-    assert swarr._cuda_plan(ext13) == (True, "")
+    assert ops._cuda_plan(ext13) == (True, "")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
-    ok, why = swarr._cuda_plan(ext13)
+    ok, why = ops._cuda_plan(ext13)
     assert not ok and "sm_80" in why and "sm_75" in why
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "7.0;9.0+PTX")
-    ok, why = swarr._cuda_plan(ext13)
+    ok, why = ops._cuda_plan(ext13)
     assert not ok and "TORCH_CUDA_ARCH_LIST='7.0;9.0+PTX'" in why
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0 9.0")
-    assert swarr._cuda_plan(ext13) == (True, "")
+    assert ops._cuda_plan(ext13) == (True, "")
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;8.6")  # sm_8x code does not run on sm_90
-    ok, why = swarr._cuda_plan(ext13)
+    ok, why = ops._cuda_plan(ext13)
     assert not ok and "no code this GPU (sm_90) can run" in why
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0+PTX")  # PTX: the driver compiles it for the GPU
-    assert swarr._cuda_plan(ext13) == (True, "")
+    assert ops._cuda_plan(ext13) == (True, "")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 9))
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;8.6")  # within a major version, older code runs
-    assert swarr._cuda_plan(ext13) == (True, "")
+    assert ops._cuda_plan(ext13) == (True, "")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
     monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
     monkeypatch.setattr(torch.version, "cuda", "12.8")
-    ok, why = swarr._cuda_plan(ext13)
+    ok, why = ops._cuda_plan(ext13)
     assert not ok and "nvcc is CUDA 13.x" in why and "12.8" in why
-    assert swarr._cuda_plan(_fake_nvcc(tmp_path, "12.6")) == (True, "")
-    ok, why = swarr._cuda_plan(type("cpp_extension", (), {"CUDA_HOME": None}))
+    assert ops._cuda_plan(_fake_nvcc(tmp_path, "12.6")) == (True, "")
+    ok, why = ops._cuda_plan(type("cpp_extension", (), {"CUDA_HOME": None}))
     assert not ok and "nvcc" in why
 
 
-def test_cuda_fallback_prints_its_reason_once(ops):
+def test_cuda_fallback_prints_its_reason_once(lib):
     """A GPU the kernels cannot use: the CPU kernels still load, CUDA tensors take the reference, and one line on
     stderr says why, however often the extension is asked for."""
     script = ("import torch, swarr\n"
+              "from csrc import ops\n"
               "torch.cuda.is_available = lambda: True\n"
               "torch.cuda.get_device_capability = lambda *a: (7, 0)\n"
               "for _ in range(3):\n"
-              "    assert swarr.load_extension() is not None\n"
-              "assert swarr.backend_name() == 'ext' and swarr._EXT['cuda'] is False\n"
-              "print(swarr._EXT['name'])\n")
+              "    assert ops.load() is not None\n"
+              "assert ops.backend_name() == 'ext' and ops.status['cuda'] is False\n"
+              "print(ops.status['name'])\n")
     r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("swarr:")]
@@ -444,35 +515,40 @@ def test_cuda_fallback_prints_its_reason_once(ops):
     assert "_cuda" not in r.stdout
 
 
-def test_ref_ops_send_single_ops_to_the_reference(ops, backend, monkeypatch):
+def test_ref_ops_send_single_ops_to_the_reference(lib, backend, monkeypatch):
     """SWARR_CUDA_REF_OPS's mechanism (exercised here on the CPU's entry): under auto, each named op takes the
-    reference and the others keep the extension; results agree either way; an unknown op name is refused."""
+    reference and the others keep the extension; results agree either way; an unknown op name is refused.
+    The backward's reference is csrc/ops.py's own masked SDPA (it cannot import swarr)."""
     calls = []
-    for fn in ("attention_ref", "decode_ref"):
-        real = getattr(swarr, fn)
-        monkeypatch.setattr(swarr, fn, lambda *a, real=real, fn=fn, **k: calls.append(fn) or real(*a, **k))
+    for mod, fn, name in ((swarr, "attention_ref", "attention_ref"), (swarr, "decode_ref", "decode_ref"),
+                          (ops, "_attention_ref", "attention_ref")):
+        real = getattr(mod, fn)
+        monkeypatch.setattr(mod, fn, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
     q, k, v = qkv(1, 4, 2, 30, 8, grad=True)
     dout = torch.randn_like(q)
-    swarr.set_backend("auto")
+    ops.set_backend("auto")
+    assert all(ops.available(q, op) for op in ops.OPS)
     out = swarr.attention(q, k, v, 7)
     ext_grads = torch.autograd.grad(out, (q, k, v), dout)
     assert calls == []
-    monkeypatch.setitem(swarr._REF_OPS, "cpu", {"bwd"})
+    monkeypatch.setitem(ops._REF_OPS, "cpu", {"bwd"})
+    assert ops.available(q, "fwd") and not ops.available(q, "bwd") and ops.available(q, "decode")
     out2 = swarr.attention(q, k, v, 7)
     assert calls == [] and torch.equal(out, out2)  # the forward is still the extension's
     grads = torch.autograd.grad(out2, (q, k, v), dout)
     assert calls == ["attention_ref"]  # the backward went through the reference
     assert all(rel_err(a, b) < 1e-12 for a, b in zip(grads, ext_grads))
-    monkeypatch.setitem(swarr._REF_OPS, "cpu", {"fwd", "decode"})
+    monkeypatch.setitem(ops._REF_OPS, "cpu", {"fwd", "decode"})
     calls.clear()
     swarr.attention(q, k, v, 7)
     _, _, k_cache, v_cache, valid = ring_caches([3, 9], 5, 2, 8)
     swarr.decode(torch.randn(2, 4, 8, dtype=torch.float64), k_cache, v_cache, valid)
     assert calls == ["attention_ref", "decode_ref"]
-    swarr.set_backend("ext")  # an explicit backend overrides the per-op choice
+    ops.set_backend("ext")  # an explicit backend overrides the per-op choice
+    assert all(ops.available(q, op) for op in ops.OPS)
     calls.clear()
     swarr.attention(q, k, v, 7)
     assert calls == []
-    monkeypatch.setitem(swarr._REF_OPS, "cuda", {"bwd", "backward"})
-    with pytest.raises(swarr.SwarrError, match="SWARR_CUDA_REF_OPS"):
-        swarr.set_backend("auto")
+    monkeypatch.setitem(ops._REF_OPS, "cuda", {"bwd", "backward"})
+    with pytest.raises(ops.BackendError, match="SWARR_CUDA_REF_OPS"):
+        ops.set_backend("auto")

@@ -214,6 +214,25 @@ def test_bfloat16_load(ckpts):
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
 
 
+def test_rope_frequencies_are_a_float32_buffer(ckpts):
+    """RoPE's inverse frequencies: a buffer, not saved (HF computes its own), float32 whatever dtype the model is
+    cast to, and real numbers in a model built on the meta device (Transformer.empty, as load does)."""
+    cfg = swarr.Config(arch="LlamaForCausalLM", vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                       head_dim=8, hidden_dim=48, rope={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0,
+                                                        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                        "original_max_position_embeddings": 8})
+    inv = swarr.rope_frequencies(cfg)[0]
+    assert inv.dtype == torch.float32
+    model = swarr.Transformer(cfg)
+    assert "_inv_freq" in dict(model.named_buffers()) and "_inv_freq" not in model.state_dict()
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.float()):
+        assert torch.equal(cast(model)._inv_freq, inv)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(swarr.Transformer.empty(cfg, "cpu", dtype)._inv_freq, inv)
+    loaded, _ = swarr.load(str(ckpts["Qwen3ForCausalLM"]), dtype="bfloat16")
+    assert torch.equal(loaded._inv_freq, swarr.rope_frequencies(loaded.cfg)[0])
+
+
 def test_save_is_atomic(ckpts, tmp_path, monkeypatch):
     model, tok = swarr.load(str(ckpts["LlamaForCausalLM"]))
     out = tmp_path / "ck"

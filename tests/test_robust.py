@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import swarr
+from support.safe_io import recover
 
 torch.set_num_threads(2)
 
@@ -387,7 +388,7 @@ def test_recover_links_the_newest_version_and_cleans_leftovers(ckpts, tmp_path):
     os.mkdir(tmp_path / ".ck.tmp-999999999-abcd")  # a half-written folder of a dead process
     (tmp_path / ".ck.tmp-999999999-abcd" / "model.safetensors").write_bytes(b"partial")
     os.mkdir(tmp_path / f".ck.tmp-{os.getppid()}-abcd")  # a live process's save in progress: left alone
-    swarr.recover(str(out))
+    recover(str(out))
     assert os.readlink(out) == ".ck.v1"
     assert sorted(os.listdir(tmp_path)) == [".ck.tmp-" + str(os.getppid()) + "-abcd", ".ck.v1", "ck"]
     swarr.load(str(out))
@@ -406,3 +407,14 @@ def test_save_never_replaces_a_folder_that_is_not_a_checkpoint(ckpts, tmp_path):
     for bad in ("", "/"):
         with pytest.raises(swarr.SwarrError, match="not a folder name"):
             swarr.save(model, tok, bad)
+
+
+def test_save_into_an_existing_empty_folder(ckpts, tmp_path):
+    """As transformers' save_pretrained: an empty folder holds nothing to lose, so save writes there (as its symlink)."""
+    model, tok = swarr.load(str(ckpts["LlamaForCausalLM"]))
+    out = tmp_path / "empty"
+    out.mkdir()
+    swarr.save(model, tok, str(out))
+    assert os.path.islink(out) and sorted(os.listdir(tmp_path)) == [os.readlink(out), "empty"]
+    assert torch.equal(swarr.load(str(out))[0].state_dict()["model.embed_tokens.weight"],
+                       model.state_dict()["model.embed_tokens.weight"])

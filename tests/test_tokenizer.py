@@ -227,5 +227,5 @@ def test_system_flag_reaches_every_prompt(tmp_path):
     for p in (train_sft.parser(), train_rl.parser()):
         assert p.parse_args(["--system", "Be terse."]).system == "Be terse." and p.parse_args([]).system is None
     for cmd in ("generate --prompt x", "eval --data d.jsonl"):
-        args = swarr.build_parser().parse_args([*cmd.split(), "--model", "m", "--system", "Be terse."])
+        args = evaluate.build_parser().parse_args([*cmd.split(), "--model", "m", "--system", "Be terse."])
         assert args.system == "Be terse."
