@@ -48,3 +48,28 @@ def test_import_swarr_does_not_load_the_grader():
     loaded = ast.literal_eval(out.stdout.strip())
     assert "support.grader" not in loaded and "support.evaluate" not in loaded, loaded
     assert "support.checkpoint" in loaded  # validation is one call into the support folder
+
+
+def span(path, qualname):
+    """First and last line of the function or class `qualname` ('KVCache.write') in the file at `path`."""
+    body = ast.parse(path.read_text()).body
+    for part in qualname.split("."):
+        node = next(n for n in body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == part)
+        body = node.body
+    first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+    return first, node.end_lineno
+
+
+def readme_rows():
+    """(file, qualname, 'Lfirst-last') of each row of README's "how the code tells it" table."""
+    import re
+    text = (ROOT / "README.md").read_text()
+    return re.findall(r"\| `([\w/]+\.py):([\w.]+)` \| (L[\w-]+) \|", text)
+
+
+def test_readme_line_spans_match_the_code():
+    rows = readme_rows()
+    assert len(rows) >= 12
+    for file, name, lines in rows:
+        first, last = span(ROOT / file, name)
+        assert lines == f"L{first}-{last}", (file, name, lines, f"L{first}-{last}")
