@@ -91,7 +91,7 @@ def rope_frequencies(cfg: Config) -> tuple[torch.Tensor, float]:
         if r.get("truncate", True):
             lo, hi = math.floor(lo), math.ceil(hi)
         lo, hi = max(lo, 0), min(hi, d - 1)
-        ramp = ((torch.arange(d // 2, dtype=torch.float32) - lo) / max(hi - lo, 1e-3)).clamp(0, 1)
+        ramp = ((torch.arange(d // 2, dtype=torch.float32) - lo) / ((hi - lo) or 1e-3)).clamp(0, 1)  # as HF
         inv = inv / f * ramp + inv * (1 - ramp)
     return inv, scale
 
@@ -379,6 +379,12 @@ def sample(logits, temperature: float, top_p: float, gen: torch.Generator | list
     if temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, -1)
+    if bool(probs.sum(-1).isnan().any()):  # (multinomial would fail on it, on CUDA with a device-side assert)
+        if bool(logits.isnan().any()):
+            raise SwarrError("the model's logits are NaN (its weights or activations overflow): nothing to sample")
+        # a temperature so small that logits / T overflows (1e-40) leaves a row of NaN: its limit, greedy, instead
+        probs = torch.where(probs.isnan().any(-1, keepdim=True),
+                            torch.zeros_like(probs).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0), probs)
     if top_p < 1.0:
         sp, si = probs.sort(-1, descending=True)
         sp[(sp.cumsum(-1) - sp) > top_p] = 0  # drop tokens once the mass before them exceeds top_p
@@ -397,13 +403,10 @@ class Generation:
 
 
 def check_generation(model: Transformer, prompts: list[list[int]], max_new_tokens: int, n_samples: int = 1):
-    """Refuse, before allocating anything, a generation that cannot run: a prompt longer than the model's
-    context, or KV caches (plus the token buffers) larger than the memory free on the model's device."""
+    """Refuse, before allocating anything, a generation that cannot run: KV caches (plus the token buffers) larger
+    than the memory free on the model's device, or a prompt + max_new_tokens past the model's context."""
     c, p = model.cfg, next(model.parameters())
     longest = max(map(len, prompts), default=0)
-    if longest > c.max_pos:
-        raise SwarrError(f"a prompt of {longest} tokens is longer than the model's context "
-                         f"({c.max_pos} positions, max_position_embeddings)")
     rows, total = len(prompts) * n_samples, longest + max_new_tokens
     slots = sum(cache_slots(w, total) for w in model.windows)  # what make_caches will allocate
     need = rows * (2 * slots * c.n_kv_heads * c.head_dim * p.element_size() + 8 * max_new_tokens)
@@ -411,11 +414,12 @@ def check_generation(model: Transformer, prompts: list[list[int]], max_new_token
     if need > free:
         raise SwarrError(f"generating {max_new_tokens} tokens for {rows} sequences needs {need / 2**30:.1f} GiB of "
                          f"KV cache, {free / 2**30:.1f} GiB is free on {p.device}: lower --max-new-tokens or the batch")
+    checkpoint.check_context(c, model.windows, longest, max_new_tokens)  # prompt + new tokens within the context
 
 
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, eos_ids=(), temperature: float = 0.0,
-             top_p: float = 1.0, n_samples: int = 1, seed: int | list | None = None) -> Generation:
+             top_p: float = 1.0, n_samples: int = 1, seed: int | list | None = None, constrain=None) -> Generation:
     """Batched sampling. Prompts may differ in length. n_samples > 1 prefills each prompt once and clones
     its cache into n_samples rows (rows r*n .. r*n+n-1 belong to prompt r), as group sampling in RL wants.
 
@@ -434,15 +438,17 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     gen = [torch.Generator(device=dev).manual_seed(s) for s in seed] if isinstance(seed, list) else \
         torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
     return decode_loop(model, caches, logits, max_new_tokens, eos_ids=eos_ids, temperature=temperature,
-                       top_p=top_p, generator=gen)
+                       top_p=top_p, generator=gen, constrain=constrain)
 
 
 @torch.no_grad()
 def decode_loop(model: Transformer, caches: list[KVCache], logits, max_new_tokens: int, *, eos_ids=(),
-                temperature: float = 0.0, top_p: float = 1.0, generator=None) -> Generation:
+                temperature: float = 0.0, top_p: float = 1.0, generator=None, constrain=None) -> Generation:
     """Sample from `logits` (B, vocab), feed the token back one step at a time until every row has hit a stop
-    token or max_new_tokens. On CUDA the one-token step is replayed from a captured CUDA graph (at small batch,
-    launching ~20 kernels per layer would otherwise cost more than the step's memory traffic)."""
+    token or max_new_tokens. constrain(logits, tokens so far (B, t)) -> logits, if given, masks each step's choice
+    (constrained decoding: a masked token gets logit -inf). On CUDA the one-token step is replayed from a captured
+    CUDA graph (at small batch, launching ~20 kernels per layer would otherwise cost more than the step's memory
+    traffic)."""
     B, dev = logits.shape[0], logits.device
     for c in caches:
         if c.window is None and int(c.pos.max()) + max_new_tokens - 1 > c.slots:
@@ -454,7 +460,7 @@ def decode_loop(model: Transformer, caches: list[KVCache], logits, max_new_token
     lengths = torch.zeros(B, dtype=torch.long, device=dev)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     for t in range(max_new_tokens):
-        tok = sample(logits, temperature, top_p, generator)
+        tok = sample(logits if constrain is None else constrain(logits, out[:, :t]), temperature, top_p, generator)
         out[:, t] = torch.where(done, out[:, t], tok)
         lengths += (~done).long()
         done |= torch.isin(tok, eos)
@@ -513,13 +519,10 @@ def load(path: str, dtype=torch.float32, device="cpu") -> tuple[Transformer, Tok
                     continue
                 if name not in params:
                     raise SwarrError(f"{fn}: tensor {name} does not belong to a {cfg.arch} with this config.json")
-                t = f.get_slice(name)
-                if tuple(t.get_shape()) != tuple(params[name].shape):
-                    raise SwarrError(f"{fn}: tensor {name} has shape {tuple(t.get_shape())}, "
-                                     f"config.json implies {tuple(params[name].shape)}")
+                checkpoint.check_tensor(fn, name, f.get_slice(name), params[name])  # shape and dtype
                 with torch.no_grad():
                     params[name].copy_(f.get_tensor(name))
-                params.pop(name)
+                checkpoint.check_finite(fn, name, params.pop(name))  # no NaN or inf
         checkpoint.read_safetensors(fn, copy_all)
     if cfg.tie_embeddings:
         params.pop("lm_head.weight", None)

@@ -10,7 +10,8 @@ kernels need. Same contracts as swarr.attention_ref / swarr.decode_ref:
     swarr::bwd(dout, q, k, v, out, lse, window, scale) -> (dq, dk, dv)
     swarr::decode(q (B, Hq, D), k_cache, v_cache (B, Hkv, S, D), valid (B,) int64, scale) -> (B, Hq, D)
 SWARR_BACKEND=auto|ext|ref picks the backend (set_backend does the same); SWARR_POISON=1 makes the kernels NaN-fill
-their outputs before writing them (tests use it to catch unwritten elements).
+their outputs before writing them (tests use it to catch unwritten elements). On a GPU each op's kernel checks itself
+against the reference on first use (self_check): one that disagrees is one line on stderr and the reference instead.
 """
 import hashlib
 import math
@@ -44,14 +45,22 @@ _REF_OPS = {"cuda": {op for op in os.environ.get("SWARR_CUDA_REF_OPS", "").split
 
 def available(t: torch.Tensor, op: str) -> bool:
     """Does the compiled kernel run `op` (fwd, bwd or decode) for tensors like t under the current backend?
-    Otherwise the PyTorch reference computes the same thing."""
+    Otherwise the PyTorch reference computes the same thing. On a device type in SELF_CHECK (CUDA), the kernel
+    must first have agreed with the reference there (self_check)."""
     if _BACKEND == "ref" or load() is None:
         return False
     if _BACKEND == "auto" and op in _REF_OPS.get(t.device.type, ()):
         return False
     if t.device.type == "cpu":  # float32 kernels (float64 for checking); other inputs are computed in float32
-        return True
-    return t.device.type == "cuda" and status["cuda"] and t.dtype in CUDA_DTYPES
+        covered = True
+    else:
+        covered = t.device.type == "cuda" and status["cuda"] and t.dtype in CUDA_DTYPES
+    if not covered or t.device.type not in SELF_CHECK:
+        return covered
+    agrees = _checked.get((str(t.device), op, _compute_dtype(t), t.shape[-1]))
+    if agrees is None:
+        agrees = self_check(t.device, op, _compute_dtype(t), t.shape[-1])
+    return agrees or _BACKEND == "ext"
 
 
 def set_backend(name: str):
@@ -102,6 +111,95 @@ def decode(q, k_cache, v_cache, valid, scale: float | None = None) -> torch.Tens
     return out.to(q.dtype)
 
 
+# ---- the self-check: on a device in SELF_CHECK, a kernel is trusted only once it has agreed with the reference ----
+# The first time an op meets a (device, dtype, head dim), self_check runs the kernel on a small case (grouped-query
+# attention, a narrow and a wide window, a length off the 64-row tiles; decode rows with 1, some and all slots
+# filled) and compares it with the reference, computed in float64 on the same inputs. A kernel that disagrees (or
+# raises) prints one line, and under `auto` that (device, op, dtype, head dim) takes the reference from then on;
+# SWARR_BACKEND=ext keeps the kernel. The CPU kernels are checked by the test suite instead (tests/test_kernels.py):
+# a run-time check there would cost every CPU process the check's time for nothing a test has not already shown.
+SELF_CHECK = {"cuda"}  # device types whose kernels check themselves on first use
+_checked: dict = {}  # (device, op, dtype, head dim) -> whether the kernel agreed with the reference
+CHECK_TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}  # fwd, decode
+CHECK_CASE = dict(B=1, Hq=4, Hkv=2, N=130, windows=(5, 70), S=37, valid=(1, 20, 37))
+
+
+def _rel_err(got, want) -> float:
+    """max |got - want| relative to the size of want (at least 1); inf if got holds NaN or the wrong shape."""
+    if got.shape != want.shape:
+        return math.inf
+    err = ((got.double() - want).abs().max() / want.abs().max().clamp(min=1.0)).item()
+    return math.inf if math.isnan(err) else err
+
+
+def _lse_ref(q, k, window: int, scale: float):
+    """log-sum-exp over each query's window of the scaled scores: the forward's second output."""
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    s = (q @ k.transpose(-1, -2) * scale).masked_fill(~_window_mask(q.shape[2], k.shape[2], window, q.device),
+                                                      float("-inf"))
+    return torch.logsumexp(s, -1)
+
+
+def _decode_ref(q, k_cache, v_cache, valid, scale: float):
+    """One query per row over the first valid[b] slots of its cache: swarr.decode_ref (this layer sits below swarr)."""
+    rep = q.shape[1] // k_cache.shape[1]
+    k, v = k_cache.repeat_interleave(rep, dim=1), v_cache.repeat_interleave(rep, dim=1)
+    mask = torch.arange(k.shape[2], device=q.device)[None, :] < valid[:, None]
+    return F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask[:, None, None, :], scale=scale)[:, :, 0]
+
+
+def _check_errors(op: str, device, dtype, D: int) -> list[float]:
+    """Relative errors of the kernel `op` against the float64 reference on CHECK_CASE, each to be held to the
+    op's tolerance (the backward's, dq/dk/dv, to 4 times the forward's)."""
+    c, scale = CHECK_CASE, D ** -0.5
+    g = torch.Generator(device=device).manual_seed(0)  # its own generator: the program's random stream is untouched
+    randn = lambda *shape: torch.randn(*shape, generator=g, device=device, dtype=torch.float32).to(dtype)
+    if op == "decode":
+        q, kc, vc = randn(len(c["valid"]), c["Hq"], D), *(randn(len(c["valid"]), c["Hkv"], c["S"], D) for _ in "kv")
+        valid = torch.tensor(c["valid"], device=device)
+        want = _decode_ref(q.double(), kc.double(), vc.double(), valid, scale)
+        return [_rel_err(torch.ops.swarr.decode(q, kc, vc, valid, scale), want)]
+    errors = []
+    for W in c["windows"]:
+        q, k, v = randn(c["B"], c["Hq"], c["N"], D), *(randn(c["B"], c["Hkv"], c["N"], D) for _ in "kv")
+        if op == "fwd":
+            out, lse = torch.ops.swarr.fwd(q, k, v, W, scale)
+            errors += [_rel_err(out, _attention_ref(q.double(), k.double(), v.double(), W, scale)),
+                       _rel_err(lse, _lse_ref(q.double(), k.double(), W, scale))]
+            continue
+        dout = randn(c["B"], c["Hq"], c["N"], D)
+        with torch.enable_grad():
+            qkv = [t.double().requires_grad_() for t in (q, k, v)]
+            out = _attention_ref(*qkv, W, scale)
+            want = torch.autograd.grad(out, qkv, dout.double())
+        lse = _lse_ref(q.double(), k.double(), W, scale).to(torch.float32 if device.type == "cuda" else dtype)
+        got = torch.ops.swarr.bwd(dout, q, k, v, out.detach().to(dtype), lse, W, scale)
+        errors += [_rel_err(a, b) / 4 for a, b in zip(got, want)]
+    return errors
+
+
+@torch.compiler.disable  # runs eagerly, never traced into a compiled graph
+def self_check(device, op: str, dtype, D: int) -> bool:
+    """Does the kernel `op` agree with the reference on `device` for `dtype` and head dim D? Computed once per
+    (device, op, dtype, D) and remembered; a disagreement (or an error) prints one line on stderr."""
+    key = (str(device), op, dtype, D)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False  # not now (a CUDA graph is being captured): the reference this time, the check on a later call
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    try:
+        with unset_fake_temporarily(), torch.inference_mode(False), torch.no_grad():  # real tensors, under tracing too
+            errors = _check_errors(op, device, dtype, D)
+        why = f"error {max(errors):.2g}, tolerance {CHECK_TOL[dtype]:g}" if max(errors) > CHECK_TOL[dtype] else ""
+    except RuntimeError as e:  # the kernel refused the case (a head dim it does not take, ...)
+        why = f"it raised {str(e).splitlines()[0][:200]}"
+    _checked[key] = not why
+    if why:
+        keep = "SWARR_BACKEND=ext keeps it" if _BACKEND == "ext" else "using the PyTorch reference for it"
+        print(f"swarr: the compiled {op} kernel disagrees with the reference on {device} for "
+              f"{str(dtype).replace('torch.', '')}, head dim {D} ({why}); {keep}", file=sys.stderr)
+    return _checked[key]
+
+
 # ---- torch.library registrations: fake versions (shapes and dtypes only) and the forward's autograd ----
 def _fake_fwd(q, k, v, window, scale):
     lse_dtype = torch.float32 if q.device.type == "cuda" else q.dtype
@@ -142,9 +240,15 @@ def _attention_ref(q, k, v, window: int, scale: float):
     rep = q.shape[1] // k.shape[1]
     if rep > 1:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    i = torch.arange(q.shape[2], device=q.device)[:, None]
-    j = torch.arange(k.shape[2], device=q.device)[None, :]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=(j <= i) & ((i - j) < window), scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=_window_mask(q.shape[2], k.shape[2], window, q.device),
+                                          scale=scale)
+
+
+def _window_mask(n_q: int, n_k: int, window: int, device) -> torch.Tensor:
+    """(n_q, n_k) bool: query i sees key j iff j <= i and i - j < window."""
+    i = torch.arange(n_q, device=device)[:, None]
+    j = torch.arange(n_k, device=device)[None, :]
+    return (j <= i) & ((i - j) < window)
 
 
 def _register():

@@ -6,6 +6,9 @@
 
 Anything that cannot mean anything (a string where a number belongs, a window of 0, a shard that is missing, a
 model larger than the free memory) is one SwarrError naming the file and the field, before the model is built.
+Every file the folder names must lie inside it after symlinks (folder_root); while the weights are copied in, each
+tensor is checked (check_tensor: shape, a floating-point dtype, finite values); before generating, the length
+(check_context) and, from the command line, one probe forward (check_logits).
 """
 from __future__ import annotations
 
@@ -20,12 +23,17 @@ from safetensors import safe_open
 
 from .flags import check_window
 from .safe_io import SwarrError, read_json, recover
-from .tokenizer import Tokenizer
+from .tokenizer import TOKENIZER_FILES, Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 MAX_LAYERS = 10_000  # far above any released decoder (Llama 3.1 405B has 126 layers)
 LAYER_TYPES = ("full_attention", "sliding_attention")
+MAX_POSITIONS = 2 ** 40  # max_position_embeddings: far above any released model (Llama 4 Scout: 10M)
+POSITION_LIMIT = 2 ** 24  # float32 holds every integer position below it: RoPE's angles are float32(pos) * freq
+FLOAT32_MAX = torch.finfo(torch.float32).max
+WEIGHT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors header dtypes a weight can have
+WEIGHT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")
 
 
 class Checkpoint(NamedTuple):
@@ -45,14 +53,42 @@ def read(path: str, dtype=torch.float32, device="cpu") -> Checkpoint:
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isdir(path):
         raise SwarrError(f"{path}: model folder not found" if not os.path.exists(path) else f"{path}: not a folder")
+    root = folder_root(path)
+    for name in WEIGHT_FILES + TOKENIZER_FILES:  # every file read from the folder (the shards: weight_files)
+        if os.path.lexists(os.path.join(path, name)):
+            inside(root, os.path.join(path, name))
     config = config_fields(read_json(cfg_path), cfg_path)
     tok = Tokenizer(os.path.join(path, "tokenizer.json"))
     if tok.vocab_size > config["vocab_size"]:  # an id past the embedding would fail only at generation
         raise SwarrError(f"{tok.path}: token ids go up to {tok.vocab_size - 1}, but config.json's vocab_size "
                          f"(the embedding) is {config['vocab_size']}")
-    files = weight_files(path)
+    files = weight_files(path, root)
     check_size(SimpleNamespace(**config), files, torch.empty(0, dtype=dtype).element_size(), device, cfg_path)
     return Checkpoint(config, tok, files, dtype)
+
+
+def folder_root(path: str) -> str:
+    """The folder every file of the checkpoint at `path` must resolve into: `path` after symlinks (a saved checkpoint
+    `out/model` is a symlink to `out/.model.vN`), or, for a snapshot of the Hugging Face hub cache
+    (.../models--ORG--NAME/snapshots/REV, whose files are symlinks to ../../blobs/), its models--ORG--NAME folder."""
+    real = os.path.realpath(path)
+    up = os.path.dirname(real)
+    if os.path.basename(up) == "snapshots" and os.path.basename(os.path.dirname(up)).startswith("models--"):
+        return os.path.dirname(up)
+    return real
+
+
+def inside(root: str, fn: str) -> str:
+    """fn, if it resolves (after symlinks) to a path inside the folder `root`; else one SwarrError: a checkpoint
+    never makes us read a file elsewhere (an index naming ../x or /etc/x, a weight file linked to another place)."""
+    try:
+        real = os.path.realpath(fn)
+    except (ValueError, OSError) as e:  # a NUL byte in a name from the index
+        raise SwarrError(f"{fn!r}: not a usable file name ({e})") from None
+    if real == root or os.path.commonpath([root, real]) != root:
+        raise SwarrError(f"{fn}: resolves to {real}, outside the model folder {root} (a checkpoint's files must lie "
+                         f"inside its folder)")
+    return fn
 
 
 # ---- config.json --------------------------------------------------------------------------------------
@@ -72,6 +108,9 @@ def config_fields(hf: dict, where: str = "config.json") -> dict:
     n_heads, n_layers, dim = num("num_attention_heads"), num("num_hidden_layers"), num("hidden_size")
     if n_layers > MAX_LAYERS:  # per-layer lists are built from it before any weight is read
         raise SwarrError(f"{where}: num_hidden_layers {n_layers} is not plausible (at most {MAX_LAYERS})")
+    if num("max_position_embeddings", default=4096) > MAX_POSITIONS:  # (YaRN reads it as a float)
+        raise SwarrError(f"{where}: max_position_embeddings {hf['max_position_embeddings']} is not plausible "
+                         f"(at most 2**40)")
     n_kv_heads = num("num_key_value_heads", default=n_heads)
     if n_heads % n_kv_heads:
         raise SwarrError(f"{where}: num_attention_heads ({n_heads}) is not a multiple of "
@@ -95,7 +134,7 @@ def config_fields(hf: dict, where: str = "config.json") -> dict:
     for i in eos if isinstance(eos, list) else [] if eos is None else [eos]:
         if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < fields["vocab_size"]:
             raise SwarrError(f"{where}: eos_token_id {eos!r} is not a token id below vocab_size {fields['vocab_size']}")
-    fields["rope"] = config_rope(hf, where)
+    fields["rope"] = config_rope(hf, where, fields["max_pos"])
     fields["windows"] = config_windows(hf, arch, n_layers, where)
     return fields
 
@@ -122,9 +161,10 @@ def config_number(hf: dict, key: str, where: str, kind=int, default=_REQUIRED, m
     return float(v) if kind is float else v
 
 
-def config_rope(hf: dict, where: str) -> dict:
+def config_rope(hf: dict, where: str, max_pos: int = 4096) -> dict:
     """The RoPE parameters. transformers 5 writes `rope_parameters`; released checkpoints use `rope_theta` +
-    `rope_scaling`. Scaled types need their factors (llama3: four numbers)."""
+    `rope_scaling`. Scaled types need their factors (llama3: four numbers). Every number rope_frequencies divides
+    by or takes the log of is checked here, so the frequencies are finite and positive."""
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     key = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
     if not isinstance(rope, dict):
@@ -140,15 +180,41 @@ def config_rope(hf: dict, where: str) -> dict:
     for name in ["rope_theta", *need[rope["rope_type"]]]:  # rope_theta may come from the top level
         rope[name] = config_number(rope, name, f"{where}: {key}" if name != "rope_theta" or name in given else where,
                                    kind=float)
-    for name in ("original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow"):
+    for name in ("original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow", "mscale",
+                 "mscale_all_dim"):
         if rope.get(name) is not None:
             rope[name] = config_number(rope, name, f"{where}: {key}", kind=float)
+    if not 1 < rope["rope_theta"] < FLOAT32_MAX:  # wavelengths theta**(2i/d) in float32; YaRN divides by log(theta)
+        raise SwarrError(f"{where}: rope_theta must be above 1 and finite in float32 (the base of RoPE's "
+                         f"wavelengths), got {rope['rope_theta']!r}")
+    if (hf.get("partial_rotary_factor") or rope.get("partial_rotary_factor") or 1) != 1:  # RoPE on part of a head
+        raise SwarrError(f"{where}: partial_rotary_factor is not supported (RoPE rotates every dimension here)")
+    if rope.get("original_max_position_embeddings", 0) > MAX_POSITIONS:
+        raise SwarrError(f"{where}: {key}: original_max_position_embeddings is not plausible (at most 2**40)")
+    if rope.get("factor", 1) < 1:  # frequencies are divided by it (transformers asks for >= 1 too)
+        raise SwarrError(f"{where}: {key}: factor must be at least 1 (a context extension), got {rope['factor']!r}")
+    if rope["rope_type"] == "yarn":
+        rope_yarn(rope, f"{where}: {key}", max_pos)
     if (rope.get("attention_factor") or 0) > 16:  # it multiplies q and k, so every logit by its square
         raise SwarrError(f"{where}: {key}: attention_factor {rope['attention_factor']:g} is not plausible (YaRN's own "
                          f"is 0.1 ln(factor) + 1; above 16 the attention logits grow over 256x)")
     if rope["rope_type"] == "llama3" and rope["low_freq_factor"] == rope["high_freq_factor"]:
         raise SwarrError(f"{where}: {key}: low_freq_factor and high_freq_factor must differ")
     return rope
+
+
+def rope_yarn(rope: dict, where: str, max_pos: int):
+    """YaRN's numbers: the dimensions where interpolation starts and ends are logs of
+    original_max_position_embeddings / (2 pi beta), which must be finite; DeepSeek-style mscale / mscale_all_dim
+    set the attention factor as transformers does (it is never left at the default when they are given)."""
+    old = rope.get("original_max_position_embeddings") or max_pos
+    for name, default in (("beta_fast", 32), ("beta_slow", 1)):
+        if not 0 < old / ((rope.get(name) or default) * 2 * math.pi) < math.inf:
+            raise SwarrError(f"{where}: original_max_position_embeddings / (2 pi {name}) is not a finite number "
+                             f"({old!r} / {rope.get(name)!r})")
+    mscale = lambda m: 0.1 * m * math.log(rope["factor"]) + 1.0 if rope["factor"] > 1 else 1.0
+    if rope.get("attention_factor") is None and rope.get("mscale") and rope.get("mscale_all_dim"):
+        rope["attention_factor"] = mscale(rope["mscale"]) / mscale(rope["mscale_all_dim"])  # (checked after)
 
 
 def config_windows(hf: dict, arch: str, n_layers: int, where: str) -> list:
@@ -209,19 +275,23 @@ def export_config(cfg, windows: list, dtype) -> dict:
 
 
 # ---- the weights -----------------------------------------------------------------------------------------
-def weight_files(path: str) -> dict[str, str]:
-    """tensor name -> safetensors file, from model.safetensors or model.safetensors.index.json."""
+def weight_files(path: str, root: str | None = None) -> dict[str, str]:
+    """tensor name -> safetensors file, from model.safetensors or model.safetensors.index.json. Every file must
+    resolve inside `root` (default: folder_root(path))."""
+    root = root or folder_root(path)
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.lexists(index):
-        weight_map = read_json(index).get("weight_map")
+        weight_map = read_json(inside(root, index)).get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(f, str) and f for f in weight_map.values()):
             raise SwarrError(f"{index}: weight_map must map tensor names to file names")
         files = {n: os.path.join(path, f) for n, f in weight_map.items()}
+        for fn in set(files.values()):
+            inside(root, fn)
     else:
         single = os.path.join(path, "model.safetensors")
         if not os.path.exists(single):
             raise SwarrError(f"{path}: no model.safetensors or model.safetensors.index.json")
-        files = {n: single for n in read_safetensors(single, lambda f: list(f.keys()))}
+        files = {n: single for n in read_safetensors(inside(root, single), lambda f: list(f.keys()))}
     for fn in set(files.values()):
         if not os.path.exists(fn):
             raise SwarrError(f"{fn}: shard listed in the index is missing")
@@ -239,6 +309,25 @@ def read_safetensors(fn: str, use):
         raise
     except Exception as e:  # safetensors raises its own error types for header/size problems
         raise SwarrError(f"{fn}: cannot read safetensors file ({str(e).splitlines()[0]})") from None
+
+
+def check_tensor(fn: str, name: str, header, param: torch.Tensor):
+    """A tensor about to be copied into `param` (header: its safetensors slice): the shape config.json implies and
+    a dtype a weight can have (integers or bools would be converted to floats without a word)."""
+    if tuple(header.get_shape()) != tuple(param.shape):
+        raise SwarrError(f"{fn}: tensor {name} has shape {tuple(header.get_shape())}, "
+                         f"config.json implies {tuple(param.shape)}")
+    if header.get_dtype() not in WEIGHT_DTYPES:
+        raise SwarrError(f"{fn}: tensor {name} has dtype {header.get_dtype()}; a weight is one of "
+                         f"{', '.join(WEIGHT_DTYPES)}")
+
+
+def check_finite(fn: str, name: str, param: torch.Tensor):
+    """A tensor just copied in holds no NaN or inf: its float32 sum is finite (one pass, no copy), or, when the
+    sum overflowed, every element is."""
+    with torch.no_grad():
+        if not bool(param.sum(dtype=torch.float32).isfinite()) and not bool(param.isfinite().all()):
+            raise SwarrError(f"{fn}: tensor {name} holds NaN or inf values")
 
 
 def check_size(cfg, files: dict, element_size: int, device, where: str):
@@ -263,6 +352,41 @@ def param_count(cfg) -> int:
         + (2 * hd if cfg.qk_norm else 0)
     layer = attn + 3 * D * cfg.hidden_dim + 2 * D
     return cfg.vocab_size * D * (1 if cfg.tie_embeddings else 2) + cfg.n_layers * layer + D
+
+
+def context_length(max_pos: int, windows: list) -> tuple[int, str]:
+    """The most positions (prompt + new tokens) a generation may fill, and why. A layer that looks further back
+    than max_position_embeddings (full attention, or a wider window) would meet relative distances it never saw;
+    a model whose every window fits inside it only ever meets distances below W, and is bounded by the positions
+    float32 holds exactly (RoPE's angles are float32(position) * frequency)."""
+    if (None in windows or max(windows) > max_pos) and max_pos <= POSITION_LIMIT:
+        return max_pos, "max_position_embeddings"
+    return POSITION_LIMIT, "2**24, the positions float32 holds exactly"
+
+
+def check_context(cfg, windows: list, longest: int, max_new_tokens: int):
+    """Refuse a generation longer than the model's context (context_length): a prompt of `longest` tokens that
+    does not fit, or one that max_new_tokens more would take past it."""
+    if longest > cfg.max_pos:
+        raise SwarrError(f"a prompt of {longest} tokens is longer than the model's context "
+                         f"({cfg.max_pos} positions, max_position_embeddings)")
+    limit, why = context_length(cfg.max_pos, windows)
+    if longest + max_new_tokens > limit:
+        raise SwarrError(f"a prompt of {longest} tokens + {max_new_tokens} new tokens passes the model's context "
+                         f"({limit} positions, {why}): " + (f"lower --max-new-tokens to at most {limit - longest}"
+                                                             if longest < limit else "no room is left for new tokens"))
+
+
+def check_logits(model, where: str, n: int = 8):
+    """One forward of the model on a probe of n tokens: logits that are not finite (weights or norms that
+    overflow in this dtype) are refused before any generation."""
+    p = next(model.parameters())
+    probe = torch.arange(min(n, model.cfg.vocab_size), device=p.device)[None]
+    with torch.no_grad():
+        ok = bool(model(probe).isfinite().all())
+    if not ok:
+        raise SwarrError(f"{where}: the model's logits on a probe of {probe.shape[1]} tokens are not finite (NaN or "
+                         f"inf) in {str(p.dtype).replace('torch.', '')}: its weights or config.json overflow")
 
 
 def available_memory(device) -> float:

@@ -235,9 +235,16 @@ def load_full_state(model, optimizer, weights: dict, optim: dict):
 def run_cli(fn, *args):
     """safe_io.run_cli(fn, *args) (bad input: one `error:` line, exit 2), then leave the process group. Under torchrun a
     collective that fails, because another process died or did not answer within --timeout, is one `error:` line
-    and exit 1 (no traceback, no hang)."""
+    and exit 1 (no traceback, no hang). Ctrl-C reaches every process: rank 0 alone prints its line (exit 130)."""
+    def quiet_ranks(*a):
+        try:
+            return fn(*a)
+        except KeyboardInterrupt:
+            if world() > 1 and not is_main():
+                os._exit(130)  # (rank 0 says it, naming the last good checkpoint)
+            raise
     try:
-        _run_cli(fn, *args)
+        _run_cli(quiet_ranks, *args)
     except SystemExit as e:  # bad input: the error line is out. Leave without tearing the process group down: the
         if world() == 1:     # others stop at the same moment, and a teardown racing theirs can abort (SIGABRT)
             raise

@@ -19,9 +19,9 @@ import time
 import torch
 
 from . import grader
-from .checkpoint import DTYPES
+from .checkpoint import DTYPES, check_context, check_logits
 from .flags import GREEDY_OK, check_flags
-from .safe_io import SwarrError, check_out_folder, run_cli, write_text_atomic
+from .safe_io import SwarrError, check_out_folder, run_cli, write_texts_atomic
 from .tokenizer import Tokenizer
 
 
@@ -76,13 +76,16 @@ def evaluate(model, tok: Tokenizer, records: list[dict], *, max_new_tokens: int 
     model.eval()
     stop = tok.stop_ids(model.cfg)
     texts = [record_prompt(tok, r, chat, system) for r in records]
+    ids = [tok.encode(t, add_special_tokens=not chat) for t in texts]  # raw: BOS per tokenizer.json
+    # the longest prompt + max_new_tokens must fit the context: refused now, not after the shorter ones have run
+    check_context(model.cfg, model.windows, max(map(len, ids), default=0), max_new_tokens)
     order = sorted(range(len(records)), key=lambda i: len(texts[i]))
     rows: list[dict] = [None] * (len(records) * samples)
     show = Progress("eval", len(records)) if progress else None
     done = 0
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
-        prompts = [tok.encode(texts[i], add_special_tokens=not chat) for i in idx]  # raw: BOS per tokenizer.json
+        prompts = [ids[i] for i in idx]
         g = model.generate(prompts, max_new_tokens, eos_ids=stop, temperature=temperature, top_p=top_p,
                            n_samples=samples, seed=seed + b)
         for r in range(len(idx) * samples):
@@ -126,11 +129,13 @@ def summarise(rows: list[dict], samples: int) -> dict:
 
 # ---- the command line: python swarr.py generate|eval ----------------------------------------------------
 def model_from_flags(a, load):
-    """Check the flags, then load --model (in --dtype, on --device) and apply --window to every layer."""
+    """Check the flags, then load --model (in --dtype, on --device), apply --window to every layer, and check
+    that the model's logits on a probe are finite."""
     check_flags(a, extra=GREEDY_OK)
     model, tok = load(a.model, a.dtype, a.device)
     if a.window is not None:
         model.set_window(a.window)
+    check_logits(model, a.model)
     return model, tok
 
 
@@ -153,8 +158,8 @@ def cmd_eval(a, load):
                              seed=a.seed)
     summary.update(model=a.model, data=a.data, window=a.window, windows=model.windows)  # windows: as run, per layer
     os.makedirs(out, exist_ok=True)
-    write_text_atomic(os.path.join(out, "samples.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
-    write_text_atomic(os.path.join(out, "summary.json"), json.dumps(summary, indent=2))
+    write_texts_atomic({os.path.join(out, "samples.jsonl"): "".join(json.dumps(r) + "\n" for r in rows),
+                        os.path.join(out, "summary.json"): json.dumps(summary, indent=2)})  # both, or neither
     line = (f"accuracy {summary['accuracy']:.4f} (strict; flexible {summary['accuracy_flexible']:.4f}) "
             f"on {summary['n']} problems")
     if a.samples > 1:

@@ -39,7 +39,8 @@ FLAG_RULES = {
     "eval_accuracy": (lambda v: v >= 0, "0 or more"), "eval_n": (lambda v: v >= 0, "0 or more"),
     "show_every": (lambda v: v >= 0, "0 (never) or more"),
     "group_size": (lambda v: v >= 2, "at least 2: the baseline is the group's mean reward"),
-    "temperature": (lambda v: 0 < v < math.inf, "a positive finite number: the loss scores the sampling distribution"),
+    "temperature": (lambda v: 1e-3 <= v < math.inf, "a finite number >= 0.001: the loss scores the sampling "
+                    "distribution softmax(logits / T), which overflows as T goes to 0"),
     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "kl": (lambda v: 0 <= v < math.inf, "0 or a positive finite number"),
 }

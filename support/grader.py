@@ -22,6 +22,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
 
+from .safe_io import SwarrError, check_out_file, run_cli, write_text_atomic
+
 # Model output is untrusted text. Nothing here evaluates a string (no eval, exec, sympify, parse_expr).
 # judge(gold, pred) compares in layers, cheapest first:
 #   1. normalised strings  ('\\dfrac{1}{2}' -> '\\frac{1}{2}', '\\$1,\\!000' -> '1000', '30^\\circ' -> '30')
@@ -1131,16 +1133,44 @@ def grade(completion: str, gold, mode: str = "strict") -> bool:
 
 
 # ---- dataset loaders: JSONL files -> [{"question", "answer", ...metadata}] ----
+# Every record is read strictly (one ValueError 'file:line: why' for anything wrong), with two rules for text:
+# - a gold answer must be something an answer can match: an empty one, a JSON number that is not finite (NaN,
+#   Infinity, 1e999) and the text 'nan' are refused, naming the line (the grader would mark every answer to
+#   them wrong, or right for the wrong reason). 'inf' or '\infty' as text is infinity, a real answer, and kept.
+# - a lone UTF-16 surrogate (JSON "\ud800", which no UTF-8 text can hold) is replaced by U+FFFD, with one
+#   warning per file: the record is kept and can be tokenized, graded, printed and written.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _no_surrogates(x, counter: list):
+    """x with every lone surrogate in its strings (keys too) replaced by U+FFFD; counter[0] counts the strings."""
+    if isinstance(x, str):
+        if _SURROGATE.search(x):
+            counter[0] += 1
+            return _SURROGATE.sub("\ufffd", x)
+        return x
+    if isinstance(x, list):
+        return [_no_surrogates(v, counter) for v in x]
+    if isinstance(x, dict):
+        return {_no_surrogates(k, counter): _no_surrogates(v, counter) for k, v in x.items()}
+    return x
+
 
 def _records(path):
-    """Yield (line_number, dict) of a JSONL file; a malformed line raises ValueError('file:line: why')."""
+    """Yield (line_number, dict) of a JSONL file; a malformed line raises ValueError('file:line: why'), and so
+    does a file that cannot be read (no permission)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: data file not found")
     if not path.is_file():  # a folder, or a FIFO that would block the read
         raise ValueError(f"{path}: not a regular file")
-    with open(path, "rb") as f:  # bytes, decoded line by line: a bad byte is reported with its line
-        for n, raw in enumerate(f, 1):
+    try:
+        f = open(path, "rb")  # bytes, decoded line by line: a bad byte is reported with its line
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e.strerror})") from None
+    replaced, lines = [0], []
+    with f:
+        for n, raw in _lines(f, path):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -1155,7 +1185,29 @@ def _records(path):
                 raise ValueError(f"{path}:{n}: JSON nested too deeply") from None
             if not isinstance(rec, dict):
                 raise ValueError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
+            if "\\u" in line:  # (only a \u escape can give a lone surrogate: strict UTF-8 holds none)
+                before = replaced[0]
+                rec = _no_surrogates(rec, replaced)
+                if replaced[0] > before:
+                    lines.append(n)
             yield n, rec
+    if lines:
+        warnings.warn(f"{path}: lone UTF-16 surrogates replaced by U+FFFD on {len(lines)} line(s): "
+                      f"{', '.join(map(str, lines[:5]))}{', ...' if len(lines) > 5 else ''}")
+
+
+def _lines(f, path):
+    """(line number, bytes) of an open file; a read error (EIO) is a ValueError naming the file."""
+    n = 0
+    while True:
+        try:
+            raw = f.readline()
+        except OSError as e:
+            raise ValueError(f"{path}:{n + 1}: cannot read ({e.strerror})") from None
+        if not raw:
+            return
+        n += 1
+        yield n, raw
 
 
 def _field(rec: dict, where: str, *names: str) -> str:
@@ -1165,6 +1217,22 @@ def _field(rec: dict, where: str, *names: str) -> str:
     raise ValueError(f"{where}: missing field {' or '.join(map(repr, names))}")
 
 
+def _gold(rec: dict, where: str, *names: str) -> str:
+    """The gold answer field of a record (_field), refused if nothing can match it (see the top of the loaders)."""
+    value = next((rec[k] for k in names if k in rec and not isinstance(rec[k], bool)), None)
+    if isinstance(value, float) and not abs(value) < float("inf"):  # NaN, Infinity, 1e999
+        raise ValueError(f"{where}: the gold answer is {value} (a JSON number that is not finite); not an answer")
+    return _checked_gold(_field(rec, where, *names), where)
+
+
+def _checked_gold(answer: str, where: str) -> str:
+    if not answer.strip():
+        raise ValueError(f"{where}: the gold answer is empty")
+    if answer.strip().lower().lstrip("+-") == "nan":
+        raise ValueError(f"{where}: the gold answer is {answer.strip()!r}, not a number; not an answer")
+    return answer
+
+
 def load_gsm8k(path) -> list[dict]:
     """GSM8K: {"question", "answer": "...\\n#### 1,000"} -> {"question", "answer": "1000", "solution", "id"}."""
     out = []
@@ -1172,8 +1240,9 @@ def load_gsm8k(path) -> list[dict]:
         sol = _field(r, f"{path}:{n}", "answer")
         if "####" not in sol:
             raise ValueError(f"{path}:{n}: answer has no '#### N' line")
+        answer = _checked_gold(sol.rsplit("####", 1)[1].strip().replace(",", ""), f"{path}:{n}")
         out.append({"question": _field(r, f"{path}:{n}", "question"), "solution": sol,
-                    "answer": sol.rsplit("####", 1)[1].strip().replace(",", ""), "id": f"{Path(path).stem}/{n}"})
+                    "answer": answer, "id": f"{Path(path).stem}/{n}"})
     return out
 
 
@@ -1183,7 +1252,7 @@ def load_math(path) -> list[dict]:
     out = []
     for n, r in _records(path):
         sol = _field(r, f"{path}:{n}", "solution")
-        ans = _field(r, f"{path}:{n}", "answer") if "answer" in r else _last_boxed(sol)
+        ans = _gold(r, f"{path}:{n}", "answer") if "answer" in r else _last_boxed(sol)
         if ans is None:  # a data defect, not a format error (2 empty \boxed{} in MATH train): warn, skip
             warnings.warn(f"{path}:{n}: no 'answer' field and no \\boxed{{...}} in the solution; skipped")
             continue
@@ -1197,7 +1266,7 @@ def load_math(path) -> list[dict]:
 def load_jsonl(path) -> list[dict]:
     """Generic {"prompt" | "question", "answer", ...} -> {"question", "answer", "id", ...other fields kept}."""
     return [{"id": f"{Path(path).stem}/{n}", **r, "question": _field(r, f"{path}:{n}", "prompt", "question"),
-             "answer": _field(r, f"{path}:{n}", "answer")} for n, r in _records(path)]
+             "answer": _gold(r, f"{path}:{n}", "answer")} for n, r in _records(path)]
 
 
 def load_dataset(path) -> list[dict]:
@@ -1238,7 +1307,7 @@ def grade_file(path, mode: str = "flexible") -> list[dict]:
     rows = []
     for n, rec in _records(path):
         where = f"{path}:{n}"
-        gold = _field(rec, where, "gold", "answer")
+        gold = _gold(rec, where, "gold", "answer")
         text = _field(rec, where, "completion" if "completion" in rec else "prediction", "pred")
         rows.append((n, rec, gold, text, _expected(rec.get("expected"), where)))
     if not rows:
@@ -1271,8 +1340,9 @@ def agreement(rows: list[dict]) -> dict[str, tuple[int, int]]:
 
 
 def main(argv=None) -> int:
+    """`python -m support.grader FILE.jsonl [--out F]`: bad input, an --out that cannot be written (checked before
+    grading) and Ctrl-C are one `error:` line each (safe_io.run_cli); --out is replaced whole or not at all."""
     import argparse
-    import os
     ap = argparse.ArgumentParser(prog="python -m support.grader", description="Grade (gold, prediction) records of a "
                                  "JSONL file; print each verdict with the extracted answer as JSONL.")
     ap.add_argument("file", help='JSONL: {"gold", "prediction" or "completion", optional "expected", "category"}')
@@ -1280,21 +1350,24 @@ def main(argv=None) -> int:
     ap.add_argument("--mode", choices=MODES, default="flexible", help="extraction from completions: strict needs a "
                     "final-answer marker (the RL reward); flexible (default) also reads the last expression")
     args = ap.parse_args(argv)
+    if args.out:
+        run_cli(check_out_file, args.out)
+    run_cli(_grade_cli, args)
+    return 0
+
+
+def _grade_cli(args):
     try:
-        rows = grade_file(args.file, args.mode)
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        with warnings.catch_warnings(record=True) as notes:  # (a lone surrogate replaced): one `note:` line each
+            warnings.simplefilter("always")
+            rows = grade_file(args.file, args.mode)
+    except (OSError, ValueError) as e:
+        raise SwarrError(str(e)) from None
+    for w in notes:
+        print(f"note: {w.message}", file=sys.stderr)
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     if args.out:
-        try:
-            tmp = f"{args.out}.tmp{os.getpid()}"
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(tmp, args.out)  # an existing file is replaced whole or not at all
-        except OSError as e:
-            print(f"error: {args.out}: {e.strerror or e}", file=sys.stderr)
-            return 2
+        write_text_atomic(args.out, text)  # an existing file is replaced whole or not at all
     else:
         sys.stdout.write(text)
     n_right = sum(r["correct"] for r in rows)
@@ -1302,7 +1375,6 @@ def main(argv=None) -> int:
           file=sys.stderr)
     for key, (a, n) in sorted(agreement(rows).items(), key=lambda kv: (kv[0] != "all", kv[0])):
         print(f"agreement with expected verdicts [{key}]: {a}/{n} = {a / n:.3f}", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":

@@ -3,31 +3,85 @@
 * read_text / read_json: regular files only (a FIFO named config.json would block forever), UTF-8, one
   SwarrError naming the file for anything wrong.
 * write_text_atomic / write_folder: a reader finds the old file or folder or the new one, never a half-written one.
-* check_out_folder: refuse, before the work starts, an output that could not be written at its end.
-* run_cli: a command line's bad input (a SwarrError) as one `error:` line and exit status 2.
+* check_out_folder / check_out_file: refuse, before the work starts, an output that could not be written at its end.
+* A write the system refuses (a full disk, a file-size limit, a read-only file system) is one WriteError naming
+  the file; nothing half-written stays: the temporaries of write_text_atomic / write_folder go on any exception
+  (Ctrl-C included), and append_text cuts a file back to where its append began.
+* run_cli: a command line's bad input (a SwarrError) as one `error:` line and exit status 2; Ctrl-C as one
+  `error: interrupted` line and exit status 130. Neither prints a traceback.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
 import stat
+import signal
 import sys
 import tempfile
+import threading
 
 
 class SwarrError(Exception):
     """A user-facing error: the command line prints its message as one line and exits with status 2."""
 
 
+class WriteError(SwarrError):
+    """The system refused a write (a full disk, a file-size limit, no permission, ...): the message names the file."""
+
+
+INTERRUPTED = 130  # the exit status of a command stopped by Ctrl-C (128 + SIGINT), as shells report it
+
+
 def run_cli(fn, *args):
-    """fn(*args) for a command line: bad input (a SwarrError) becomes one `error: ...` line and exit status 2."""
+    """fn(*args) for a command line: bad input (a SwarrError) becomes one `error: ...` line and exit status 2.
+    Ctrl-C (KeyboardInterrupt) becomes one `error: interrupted` line, followed by the interrupt's own words if it
+    carries any (a training run's name its last good checkpoint), and exit status 130. A write the system refuses
+    anywhere else (a full disk, a file-size limit) is one line and exit status 2 too: SIGXFSZ is ignored, so a
+    file-size limit (ulimit -f) makes the write fail with EFBIG instead of killing the process mid-save."""
+    if hasattr(signal, "SIGXFSZ") and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         return fn(*args)
     except SwarrError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:
+        print(f"error: interrupted{f'; {e}' if str(e) else ''}", file=sys.stderr)
+        sys.exit(INTERRUPTED)
+    except OSError as e:
+        if e.errno not in _REFUSED_WRITES:
+            raise
+        print(f"error: {e.filename or 'a write'}: {e.strerror}", file=sys.stderr)
+        sys.exit(2)
+
+
+_REFUSED_WRITES = {getattr(errno, n) for n in ("ENOSPC", "EFBIG", "EDQUOT", "EROFS") if hasattr(errno, n)}
+
+
+def short(v, n: int = 80) -> str:
+    """repr(v), cut to fit one error line (a hostile value can be an array of a million entries)."""
+    r = repr(v)
+    return r if len(r) <= n else r[:n - 3] + "..."
+
+
+def io_failure(e: BaseException) -> str | None:
+    """The system's words, if `e` is (or was raised while handling) a refused read or write: an OSError, or the I/O
+    error of a library that writes on its own (torch.save's zip writer, safetensors). None for anything else."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, WriteError):
+            return str(e)
+        if isinstance(e, OSError):
+            return e.strerror or str(e)
+        m = re.search(r"I/O error: (.*?)(?: \(os error \d+\))?$", str(e).strip())  # safetensors' Rust errors
+        if m:
+            return m[1]
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def read_text(path: str) -> str:
@@ -73,22 +127,71 @@ def check_out_folder(out: str, flag: str = "--out"):
     if not os.path.isdir(probe_in):
         raise SwarrError(f"{flag} {out}: {probe_in} exists and is not a folder")
     try:  # os.access says yes to root even on a read-only file system: really create something
-        os.rmdir(tempfile.mkdtemp(prefix=".swarr-probe-", dir=probe_in))
+        probe = tempfile.mkdtemp(prefix=".swarr-probe-", dir=probe_in)
     except OSError as e:
         raise SwarrError(f"{flag} {out}: cannot write in {probe_in} ({e.strerror})") from None
+    os.rmdir(probe)
+
+
+def check_out_file(out: str, flag: str = "--out"):
+    """Refuse now, before the work, an output file that could not be written at the end: a folder, or a file in
+    a folder where nothing can be created. Writes nothing."""
+    if os.path.isdir(out):
+        raise SwarrError(f"{flag} {out}: is a folder, not a file")
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise SwarrError(f"{flag} {out}: {parent} is not a folder")
+    check_out_folder(parent, flag)
 
 
 def write_text_atomic(path: str, text: str):
     """Write a file through a temporary sibling and os.replace: an interrupted write leaves the old file whole."""
-    tmp = f"{path}.tmp-{os.getpid()}"
+    write_texts_atomic({path: text})
+
+
+def write_texts_atomic(files: dict[str, str]):
+    """Write files {path: text} that belong together (a summary and its samples): every one is written completely
+    to a temporary sibling first, and only then are they switched in, one os.replace each. A write the system
+    refuses (full disk, file-size limit) is one WriteError naming the file, and an interruption (Ctrl-C) removes
+    the temporaries: each file is the old one or the new one, and none is switched in unless all were written."""
+    tmps = {path: f"{path}.tmp-{os.getpid()}" for path in files}
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        try:
+            for path, text in files.items():
+                with open(tmps[path], "w", encoding="utf-8") as f:
+                    f.write(text)
+        except OSError as e:
+            raise WriteError(f"{path}: cannot write ({e.strerror or e}); the file is left as it was") from None
+        for path, tmp in tmps.items():
+            os.replace(tmp, path)
     except BaseException:
-        if os.path.lexists(tmp):
-            os.remove(tmp)
+        for tmp in tmps.values():
+            if os.path.lexists(tmp):
+                os.remove(tmp)
         raise
+
+
+def append_text(path: str, text: str):
+    """Append `text` to the file `path` whole or not at all: a write the system refuses (one WriteError naming the
+    file) or an interruption cuts the file back to where the append began, so no half line is left."""
+    data = text.encode("utf-8")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise WriteError(f"{path}: cannot write ({e.strerror})") from None
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except BaseException as e:
+            os.ftruncate(fd, size)
+            if isinstance(e, OSError):
+                raise WriteError(f"{path}: cannot write ({e.strerror}); the file is left as it was") from None
+            raise
+    finally:
+        os.close(fd)
 
 
 # ---- the atomic folder switch (checkpoints) ----------------------------------------------------------
@@ -198,18 +301,41 @@ def write_folder(path: str, write, marker: str = "config.json"):
     recover(path)
     version = os.path.join(parent, f".{name}.v{max([n for k, n in leftovers(path).values() if k == 'v'] + [0]) + 1}")
     tmp = os.path.join(parent, f".{name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
-    os.mkdir(tmp)  # (not mkdtemp: its folders stay private, 0700; this one gets the umask's usual mode)
     try:
-        write(tmp)
-        for fname in os.listdir(tmp):
-            fsync(os.path.join(tmp, fname))
-        fsync(tmp)
-        os.rename(tmp, version)  # complete from here on: error handling never deletes it
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    fsync(parent)
-    if plain:  # `path` is missing until link() below (if cut there, recover() links the newest version)
-        os.rename(path, os.path.join(parent, f".{name}.v0"))
-    link(path, version)
+        os.mkdir(tmp)  # (not mkdtemp: its folders stay private, 0700; this one gets the umask's usual mode)
+        try:
+            write(tmp)
+            for fname in os.listdir(tmp):
+                fsync(os.path.join(tmp, fname))
+            fsync(tmp)
+            os.rename(tmp, version)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _switch(path, version, plain)
+    except Exception as e:  # (Ctrl-C passes through as it is, after the same clean-up)
+        why = io_failure(e)
+        if why is None or isinstance(e, WriteError):
+            raise
+        raise WriteError(f"{path}: cannot write ({why}); the previous checkpoint there is left as it was") from None
     recover(path)  # the previous version goes
+
+
+def _switch(path: str, version: str, plain: bool):
+    """Point `path` at the complete folder `version` (write_folder's last step). Interrupted by an exception, it
+    undoes itself: a plain folder moved aside comes back, and `version`, if `path` does not point to it, goes.
+    (Cut by a kill, recover() finishes it: it links the newest version when `path` is missing.)"""
+    parent, name = os.path.split(path)
+    moved = False
+    try:
+        fsync(parent)
+        if plain:  # `path` is missing until link() below
+            os.rename(path, os.path.join(parent, f".{name}.v0"))
+            moved = True
+        link(path, version)
+    except BaseException:
+        if moved and not os.path.lexists(path):
+            os.rename(os.path.join(parent, f".{name}.v0"), path)
+        if os.path.realpath(path) != os.path.realpath(version):
+            shutil.rmtree(version, ignore_errors=True)
+        raise

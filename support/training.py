@@ -37,7 +37,7 @@ from . import distributed, grader
 from .checkpoint import DTYPES, export_config
 from .evaluate import evaluate
 from .flags import check_flags
-from .safe_io import SwarrError, check_out_folder, pid_alive, read_json, recover
+from .safe_io import SwarrError, WriteError, append_text, check_out_folder, io_failure, pid_alive, read_json, recover
 
 
 # ---- flags -----------------------------------------------------------------------------------------------
@@ -241,11 +241,19 @@ def release_lock(out: str):
 
 
 def releases_lock(run):
-    """Decorates a script's run(args, ...): the --out lock that open_out takes is released however run ends."""
+    """Decorates a script's run(args, ...): the --out lock that open_out takes is released however run ends, and
+    Ctrl-C (KeyboardInterrupt) carries the last good checkpoint in --out, which safe_io.run_cli's error line names."""
     @functools.wraps(run)
     def wrapped(args, *a, **kw):
         try:
             return run(args, *a, **kw)
+        except KeyboardInterrupt as e:
+            if not args.out or str(e):
+                raise
+            if os.path.join(args.out, ".lock") in _HELD:  # this run writes --out: finish what Ctrl-C cut short
+                recover(os.path.join(args.out, "model"))  # (a save's temporaries, the version it replaced)
+                keep_state(args.out, saved_step(args.out))
+            raise KeyboardInterrupt(f"the last good checkpoint: {last_good(args.out)}") from None
         finally:
             if args.out:
                 release_lock(args.out)
@@ -361,14 +369,21 @@ def lr_at(step: int, total: int, args, optimizer=None) -> float:
     return lr
 
 
+def saved_step(out: str):
+    """The step of the checkpoint in out/model (its train_config.json), or None if there is none."""
+    try:
+        return read_json(os.path.join(out, "model", "train_config.json"))["step"]
+    except (SwarrError, KeyError):
+        return None
+
+
 def last_good(out: str) -> str:
     """The newest checkpoint in --out, as an error line names it. Every saved checkpoint is finite: save_checkpoint
     checks the weights first."""
     if not out:
         return "none (--out is empty: nothing is saved)"
-    try:
-        step = read_json(os.path.join(out, "model", "train_config.json"))["step"]
-    except (SwarrError, KeyError):
+    step = saved_step(out)
+    if step is None:
         return f"none: no checkpoint was saved in {out} yet"
     return f"{os.path.join(out, 'model')} (step {step}), left as it is"
 
@@ -428,7 +443,7 @@ class Recorder:
     and writes (every rank's `history` gets the dicts)."""
 
     def __init__(self, out: str, log, history: list | None):
-        self.log, self.history = (log if distributed.is_main() else lambda line: None), history
+        self.log, self.history, self.out = (log if distributed.is_main() else lambda line: None), history, out
         self.path = os.path.join(out, "log.jsonl") if out and distributed.is_main() else None
         if self.path:
             os.makedirs(out, exist_ok=True)
@@ -440,8 +455,16 @@ class Recorder:
             if self.history is not None:
                 self.history.append(metrics)
             if self.path:
-                with open(self.path, "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
+                append_line(self.out, "log.jsonl", json.dumps(metrics) + "\n")
+
+
+def append_line(out: str, name: str, text: str):
+    """Append to out/NAME whole or not at all (safe_io.append_text); a write the system refuses (a full disk)
+    stops the run with one line naming the last good checkpoint."""
+    try:
+        append_text(os.path.join(out, name), text)
+    except WriteError as e:
+        raise SwarrError(f"{e}; stopping. The last good checkpoint: {last_good(out)}") from None
 
 
 # ---- evaluation: under torchrun each process takes its share, and the counts are summed -------------------
@@ -526,16 +549,17 @@ def show_samples(rec: Recorder, args, samples: list[dict], rewards: torch.Tensor
     for s in shown:
         rec(f"  [reward {s['reward']:g}] {s['completion'][:300]!r}")
     if out and distributed.is_main():
-        with open(os.path.join(out, "samples.jsonl"), "a") as f:
-            f.writelines(json.dumps(s) + "\n" for s in shown)
+        append_line(out, "samples.jsonl", "".join(json.dumps(s) + "\n" for s in shown))
 
 
 # ---- checkpoints -----------------------------------------------------------------------------------------
 def save_checkpoint(out: str, model, tok, optimizer, step: int, args):
     """out/model (model.save, atomic; train_config.json records args and step) + out/trainer_state-<step>.pt.
     The state file is written before the model and older ones are deleted after it, so an interruption at any
-    moment leaves a model folder whose step has a state file. Under torchrun every process takes part (the
-    shards are gathered) and rank 0 checks and writes the same files."""
+    moment leaves a model folder whose step has a state file. A save that fails (a full disk, a file-size limit)
+    or is interrupted (Ctrl-C) leaves --out as it was: its temporaries and the new state file go (keep_state),
+    and a failed write stops the run with one line naming the last good checkpoint. Under torchrun every process
+    takes part (the shards are gathered) and rank 0 checks and writes the same files."""
     model, optim = distributed.full_state(model, optimizer)
     why = unsound(model, tok) if distributed.is_main() else None  # never save what cannot be a good checkpoint
     if distributed.all_sum(float(bool(why)))[0]:
@@ -544,14 +568,30 @@ def save_checkpoint(out: str, model, tok, optimizer, step: int, args):
                                f"The last good checkpoint: {last_good(out)}")
     if not distributed.is_main():
         return
-    name = f"trainer_state-{step}.pt"
-    torch.save({"step": step, "optimizer": optim}, os.path.join(out, name + ".tmp"))
-    os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
+    state = os.path.join(out, f"trainer_state-{step}.pt")
     config = json.dumps({**vars(args), "step": step, "windows": model.windows, "world_size": distributed.world()},
                         indent=2)
-    model.save(tok, os.path.join(out, "model"), extra_files={"train_config.json": config})
+    try:
+        with open(state + ".tmp", "wb") as f:  # (a file object: a refused write is an OSError, not torch's words)
+            torch.save({"step": step, "optimizer": optim}, f)
+        os.replace(state + ".tmp", state)
+        model.save(tok, os.path.join(out, "model"), extra_files={"train_config.json": config})
+    except BaseException as e:
+        keep_state(out, saved_step(out))  # the checkpoint out/model still holds keeps its state; the rest goes
+        why = io_failure(e) if isinstance(e, Exception) else None
+        if why is None or isinstance(e, SwarrError) and not isinstance(e, WriteError):
+            raise
+        if not isinstance(e, WriteError):
+            why = f"{state}: {why}"
+        raise SwarrError(f"step {step}: the checkpoint could not be written ({why}); stopping. The last good "
+                         f"checkpoint: {last_good(out)}") from None
+    keep_state(out, step)
+
+
+def keep_state(out: str, step):
+    """Delete every trainer_state-* file in `out` (temporaries included) but the one of `step`."""
     for f in os.listdir(out):
-        if f.startswith("trainer_state-") and f != name:
+        if f.startswith("trainer_state-") and f != f"trainer_state-{step}.pt":
             os.remove(os.path.join(out, f))
 
 

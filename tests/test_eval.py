@@ -40,7 +40,7 @@ def test_eval_end_to_end(ckpts, tmp_path):
 def test_eval_reports_strict_and_flexible(ckpts):
     """A completion that states its answer without a marker counts under flexible only."""
     class Said:  # a "model" whose every completion is fixed text: the grading path alone is under test
-        cfg, training = None, False
+        cfg, training, windows = swarr.Config("Qwen2ForCausalLM", 512, 64, 1, 4, 2, 16, 128), False, [None]
 
         def eval(self):
             return self

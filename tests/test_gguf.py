@@ -69,6 +69,11 @@ def write_gguf(path, hf_model, folder, arch="llama", qtype=None, template=TEMPLA
             w.add_tensor(gname, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
         else:
             w.add_tensor(gname, a)
+    return finish(w, path)
+
+
+def finish(w, path):
+    """Write out what the GGUFWriter w holds (header, metadata, tensors) and close it; returns path."""
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -143,6 +148,7 @@ def test_bad_files_are_one_error_line(tiny, tmp_path):
         rc, err = _cli(tmp_path / f"{name}.gguf", tmp_path / f"out-{name}")
         assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1, (name, err)
         assert not (tmp_path / f"out-{name}").exists() and not list(tmp_path.glob(f"out-{name}.tmp*"))
+        assert not list(tmp_path.glob(f".out-{name}.*"))  # no temporary folder, no lock file
     rc, err = _cli(path, tmp_path)  # an existing folder is never overwritten
     assert rc == 2 and "exists" in err
 

@@ -3,6 +3,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -325,6 +326,73 @@ def test_loader_missing_and_empty_file(tmp_path):
         grader.load_dataset(tmp_path / "nope.jsonl")
     with pytest.raises(ValueError, match="empty.jsonl"):
         grader.load_dataset(write(tmp_path / "empty.jsonl", []))
+
+
+BAD_GOLD = [  # (a JSONL line, what the error says): nothing can match these gold answers
+    ('{"prompt": "P", "answer": NaN}', "not finite"), ('{"prompt": "P", "answer": Infinity}', "not finite"),
+    ('{"prompt": "P", "answer": -Infinity}', "not finite"), ('{"prompt": "P", "answer": 1e999}', "not finite"),
+    ('{"prompt": "P", "answer": ""}', "empty"), ('{"prompt": "P", "answer": " \\n"}', "empty"),
+    ('{"prompt": "P", "answer": "NaN"}', "not a number"), ('{"prompt": "P", "answer": "-nan"}', "not a number"),
+    ('{"question": "Q", "answer": "so\\n#### "}', "empty"),
+    ('{"question": "Q", "answer": "so\\n#### nan"}', "not a number"),
+    ('{"problem": "P", "solution": "\\\\boxed{1}", "answer": ""}', "empty"),
+    ('{"problem": "P", "solution": "\\\\boxed{1}", "answer": NaN}', "not finite"),
+]
+
+
+@pytest.mark.parametrize("line,why", BAD_GOLD, ids=[b[0] for b in BAD_GOLD])
+def test_a_gold_answer_nothing_can_match_is_refused(tmp_path, line, why):
+    """Refused with the file and line, in load_dataset (training, eval) and in the grader's own input."""
+    first = '{"problem": "P", "solution": "\\\\boxed{1}"}' if "problem" in line else \
+        '{"question": "Q", "answer": "#### 1"}' if "####" in line else '{"prompt": "P", "answer": "1"}'
+    p = write(tmp_path / "bad.jsonl", [first, line])
+    with pytest.raises(ValueError, match=rf"bad\.jsonl:2: the gold answer .*{why}"):
+        grader.load_dataset(p)
+    q = write(tmp_path / "pairs.jsonl", [line.replace('"prompt": "P"', '"prediction": "1"')])
+    if '"prompt"' in line:
+        with pytest.raises(ValueError, match=rf"pairs\.jsonl:1: the gold answer .*{why}"):
+            grader.grade_file(q)
+
+
+def test_infinity_as_text_is_an_answer(tmp_path):
+    p = write(tmp_path / "inf.jsonl", [{"prompt": "lim?", "answer": "\\infty"}, {"prompt": "lim?", "answer": "-inf"}])
+    assert [r["answer"] for r in grader.load_dataset(p)] == ["\\infty", "-inf"]
+
+
+def test_lone_surrogates_are_replaced_and_reported(tmp_path):
+    p = tmp_path / "s.jsonl"
+    p.write_text('{"prompt": "a\\ud800b", "answer": "1", "tags": ["\\udc00"]}\n'
+                 '{"prompt": "\\ud83d\\ude00 ok", "answer": "2"}\n')  # (a proper pair is one character)
+    with pytest.warns(UserWarning, match=r"s\.jsonl: lone UTF-16 surrogates replaced by U\+FFFD on 1 line\(s\): 1$"):
+        recs = grader.load_dataset(p)
+    assert recs[0]["question"] == "a\ufffdb" and recs[0]["tags"] == ["\ufffd"]
+    assert recs[1]["question"] == "\U0001f600 ok"
+    assert all(json.dumps(r, ensure_ascii=False).encode("utf-8") for r in recs)
+
+
+def test_grader_cli_with_lone_surrogates(tmp_path):
+    """Graded with U+FFFD in place of the surrogate, one note line, printed and written as UTF-8."""
+    f = tmp_path / "in.jsonl"
+    f.write_text('{"gold": "7", "prediction": "\\\\boxed{7} \\ud800"}\n{"gold": "\\udfff", "prediction": "1"}\n')
+    for extra in ([], ["--out", str(tmp_path / "o.jsonl")]):
+        r = subprocess.run([sys.executable, "-m", "support.grader", str(f), *extra], cwd=ROOT, capture_output=True,
+                           timeout=120)
+        err = r.stderr.decode()
+        assert r.returncode == 0 and "Traceback" not in err, err
+        assert "note: " in err and "surrogates replaced by U+FFFD on 2 line(s): 1, 2" in err
+        text = (tmp_path / "o.jsonl").read_bytes() if extra else r.stdout
+        rows = [json.loads(line) for line in text.decode("utf-8").splitlines()]
+        assert [(x["correct"], x["gold"]) for x in rows] == [(True, "7"), (False, "\ufffd")]
+
+
+def test_an_unreadable_data_file_is_one_error(tmp_path, monkeypatch):
+    p = write(tmp_path / "d.jsonl", [{"prompt": "P", "answer": "1"}])
+
+    def no_permission(*a, **kw):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(grader, "open", no_permission, raising=False)
+    with pytest.raises(ValueError, match=r"d\.jsonl: cannot read \(Permission denied\)"):
+        grader.load_dataset(p)
 
 
 @needs_data

@@ -5,10 +5,13 @@ CPU tests always run (the extension must build wherever a C++ compiler is presen
 GPU; the nvcc test compiles the CUDA sources wherever nvcc is installed, so a CUDA compile error fails here too.
 Inputs are fresh random normals; references are computed in float64.
 """
+import contextlib
+import math
 import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -552,3 +555,175 @@ def test_ref_ops_send_single_ops_to_the_reference(lib, backend, monkeypatch):
     monkeypatch.setitem(ops._REF_OPS, "cuda", {"bwd", "backward"})
     with pytest.raises(ops.BackendError, match="SWARR_CUDA_REF_OPS"):
         ops.set_backend("auto")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The self-check: on a device in ops.SELF_CHECK (CUDA), each op's kernel is compared with the reference on first
+# use per (device, dtype, head dim); one that disagrees prints one line and is not used (SWARR_BACKEND=ext keeps
+# it). Exercised here on the CPU, whose kernels are replaced in the dispatcher by deliberately wrong ones.
+
+
+@pytest.fixture
+def self_check(lib, monkeypatch, backend):
+    """The CPU kernels check themselves as CUDA's do, from a clean slate of checks."""
+    monkeypatch.setattr(ops, "SELF_CHECK", {"cuda", "cpu"})
+    monkeypatch.setattr(ops, "_checked", {})
+
+
+@contextlib.contextmanager
+def cpu_kernel(op, fn):
+    """swarr::op's CPU kernel replaced by fn in the dispatcher: the self-check and every real call run fn."""
+    impl = torch.library.Library("swarr", "IMPL")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Overriding a previously registered kernel"
+        impl.impl(op, fn, "CPU")
+    try:
+        yield
+    finally:
+        impl._destroy()  # the compiled kernel is back
+
+
+def _ref_grads(dout, q, k, v, window, scale):
+    with torch.enable_grad():
+        qkv_ = [t.detach().requires_grad_() for t in (q, k, v)]
+        return torch.autograd.grad(ops._attention_ref(*qkv_, window, scale), qkv_, dout)
+
+
+def _wrong_bwd(dout, q, k, v, out, lse, window, scale):
+    dq, dk, dv = _ref_grads(dout, q, k, v, window, scale)
+    dv = dv.clone()
+    dv[:, :, :8] = 0  # the first key tile's dv never written
+    return dq, dk, dv
+
+
+WRONG = {  # realistic kernel bugs: a window off by one, a tile left out, the newest cache slot missed
+    "fwd": lambda q, k, v, window, scale: (ops._attention_ref(q, k, v, window + 1, scale),
+                                           ops._lse_ref(q, k, window + 1, scale)),
+    "bwd": _wrong_bwd,
+    "decode": lambda q, k_cache, v_cache, valid, scale: ops._decode_ref(q, k_cache, v_cache,
+                                                                        (valid - 1).clamp(min=1), scale),
+}
+
+
+def _swarr_lines(capfd):
+    return [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("swarr:")]
+
+
+def test_self_check_passes_the_real_kernels(self_check, capfd):
+    """The compiled kernels agree with the reference: no line, every op available, each check done once, and the
+    program's random stream untouched by the check's inputs."""
+    state = torch.get_rng_state()
+    for dtype in (torch.float32, torch.float64):
+        for D in (8, 64):
+            q = torch.randn(1, 2, 3, D, dtype=dtype)
+            assert all(ops.available(q if op != "decode" else q[:, :, 0], op) for op in ops.OPS)
+    assert len(ops._checked) == 12 and all(ops._checked.values())
+    assert ops.available(torch.randn(1, 2, 3, 8, dtype=torch.bfloat16), "fwd")  # computed in float32: checked
+    assert len(ops._checked) == 12 and _swarr_lines(capfd) == []
+    with torch.inference_mode():  # first use under inference mode (generation): the backward's check still runs
+        assert all(ops.available(torch.randn(1, 2, 3, 24), op) for op in ("fwd", "bwd"))
+    assert len(ops._checked) == 14 and all(ops._checked.values())
+    torch.randn(1)  # (the state tensors compare equal only if no draw came between)
+    assert not torch.equal(state, torch.get_rng_state())
+    torch.set_rng_state(state)
+    ops._checked.clear()
+    ops.available(torch.ones(1, 2, 3, 8), "fwd")
+    assert torch.equal(state, torch.get_rng_state())
+
+
+@pytest.mark.parametrize("op", ops.OPS)
+def test_a_wrong_kernel_is_one_line_and_the_reference(self_check, capfd, op):
+    q, k, v = qkv(2, 4, 2, 45, 16, grad=True)
+    dout = torch.randn_like(q)
+    _, _, k_cache, v_cache, valid = ring_caches([1, 7, 30], 11, 2, 16)
+    q1 = torch.randn(3, 4, 16, dtype=torch.float64)
+    with cpu_kernel(op, WRONG[op]):
+        for _ in range(2):  # checked once: one line however often the op is asked for
+            assert [ops.available(q if o != "decode" else q1, o) for o in ops.OPS] == [o != op for o in ops.OPS]
+        lines = _swarr_lines(capfd)
+        assert len(lines) == 1 and f"compiled {op} kernel disagrees" in lines[0] and "float64" in lines[0], lines
+        assert "head dim 16" in lines[0] and "using the PyTorch reference" in lines[0]
+        # what the model computes is the reference's
+        out = swarr.attention(q, k, v, 9)
+        assert rel_err(out, swarr.attention_ref(q, k, v, 9)) < 1e-12
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+        want = torch.autograd.grad(swarr.attention_ref(q, k, v, 9), (q, k, v), dout)
+        assert all(rel_err(g, w) < 1e-12 for g, w in zip(grads, want))
+        assert rel_err(swarr.decode(q1, k_cache, v_cache, valid), swarr.decode_ref(q1, k_cache, v_cache, valid)) < 1e-12
+        # forcing the extension still uses it (the wrong kernel's output comes out)
+        ops.set_backend("ext")
+        assert all(ops.available(q if o != "decode" else q1, o) for o in ops.OPS)
+        if op == "fwd":
+            assert rel_err(swarr.attention(q, k, v, 9), swarr.attention_ref(q, k, v, 10)) < 1e-12
+        elif op == "bwd":
+            assert torch.equal(torch.autograd.grad(swarr.attention(q, k, v, 9), v, dout)[0][:, :, :8],
+                               torch.zeros_like(v[:, :, :8]))
+        else:
+            assert rel_err(swarr.decode(q1, k_cache, v_cache, valid),
+                           swarr.decode_ref(q1, k_cache, v_cache, (valid - 1).clamp(min=1))) < 1e-12
+        assert _swarr_lines(capfd) == []
+        ops.set_backend("auto")
+    # another head dim or dtype is a case of its own: checked (and passed) by the real kernel
+    assert ops.available(torch.randn(1, 2, 3, 32, dtype=torch.float64)[..., 0, :] if op == "decode"
+                         else torch.randn(1, 2, 3, 32, dtype=torch.float64), op)
+    assert not ops.available(q if op != "decode" else q1, op)  # the failed one stays on the reference
+
+
+def test_a_kernel_that_raises_or_writes_nan_is_not_used(self_check, capfd):
+    def raises(*a):
+        raise RuntimeError("swarr: no kernel for this case\nsecond line")
+    with cpu_kernel("decode", raises):
+        assert not ops.available(torch.randn(2, 4, 8, dtype=torch.float64), "decode")
+    with cpu_kernel("fwd", lambda q, k, v, w, s: (torch.full_like(q, math.nan), torch.zeros(q.shape[:3],
+                                                                                             dtype=q.dtype))):
+        assert not ops.available(torch.randn(1, 2, 3, 8, dtype=torch.float64), "fwd")
+    lines = _swarr_lines(capfd)
+    assert len(lines) == 2 and "raised swarr: no kernel for this case" in lines[0] and "second" not in lines[0]
+    assert "error inf" in lines[1], lines
+
+
+def test_the_cpu_does_not_self_check_by_default(lib, monkeypatch, backend):
+    """CPU kernels are checked by this suite, not at run time: by default no check runs on the CPU, and a kernel
+    swapped in is used as it is."""
+    monkeypatch.setattr(ops, "_checked", {})
+    assert ops.SELF_CHECK == {"cuda"}
+    q, k, v = qkv(1, 2, 1, 20, 8)
+    with cpu_kernel("fwd", WRONG["fwd"]):
+        assert ops.available(q, "fwd")
+        assert rel_err(swarr.attention(q, k, v, 5), swarr.attention_ref(q, k, v, 6)) < 1e-12
+    assert ops._checked == {}
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # inside torch's compiler
+def test_self_check_under_compile_and_export(self_check):
+    """The check runs on real tensors even when the first use is inside torch.compile or torch.export (fake
+    tensors), and a traced program uses the kernel only if it agreed."""
+    def attend(q, k, v):
+        return swarr.attention(q, k, v, 5)
+    q, k, v = qkv(1, 4, 2, 37, 8, dtype=torch.float32)
+    compiled = torch.compile(attend)(q, k, v)  # first use inside the tracer
+    assert ops._checked == {("cpu", "fwd", torch.float32, 8): True}
+    assert torch.equal(compiled, attend(q, k, v))
+    assert torch.equal(torch.compile(attend, fullgraph=True)(q, k, v), compiled)  # checked: no graph break
+
+    class Attend(torch.nn.Module):
+        def forward(self, q, k, v):
+            return swarr.attention(q, k, v, 5)
+    ops._checked.clear()
+    with cpu_kernel("fwd", WRONG["fwd"]):
+        program = torch.export.export(Attend(), (q, k, v))
+        assert ops._checked == {("cpu", "fwd", torch.float32, 8): False}
+        assert torch.ops.swarr.fwd.default not in [n.target for n in program.graph.nodes]
+        assert rel_err(program.module()(q, k, v), swarr.attention_ref(q, k, v, 5)) < 1e-6
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_self_check_passes_on_cuda(lib, monkeypatch, capfd, dtype):
+    """The CUDA kernels pass their own first-use check (tensor-core head dims 64 and 128, and a generic one), so
+    the CUDA tests above that go through swarr.attention / swarr.decode exercise the kernels, not a fallback."""
+    monkeypatch.setattr(ops, "_checked", {})
+    for D in (24, 64, 128):
+        q = torch.randn(1, 2, 3, D, device="cuda", dtype=dtype)
+        assert all(ops.available(q if op != "decode" else q[:, :, 0], op) for op in ops.OPS), ops._checked
+    assert len(ops._checked) == 9 and all(ops._checked.values()) and _swarr_lines(capfd) == []

@@ -257,6 +257,7 @@ BAD_EVAL = [  # (flags to change, words the error line must contain)
     (["--out", "FILE"], ["--out", "not a folder"]),
     (["--out", "FILE/sub"], ["--out", "not a folder"]),
     (["--out", "/proc/swarr-out"], ["--out", "cannot write"]),
+    (["--max-new-tokens", "600"], ["passes the model's context (512 positions", "--max-new-tokens"]),
 ]
 
 

@@ -59,6 +59,7 @@ BAD_SFT = [  # (flags, words of the error line)
 BAD_RL = [
     (["--prompts-per-step", "0"], ["--prompts-per-step"]), (["--micro-batch", "0"], ["--micro-batch"]),
     (["--temperature", "nan"], ["--temperature"]), (["--temperature", "0"], ["--temperature"]),
+    (["--temperature", "1e-40"], ["--temperature"]),
     (["--steps", "0"], ["--steps"]), (["--steps", "-2"], ["--steps"]), (["--group-size", "1"], ["--group-size"]),
     (["--kl", "-1"], ["--kl"]), (["--max-new-tokens", "0"], ["--max-new-tokens"]), (["--lr", "inf"], ["--lr"]),
     (["--clip", "-1"], ["--clip"]), (["--seed", "-1"], ["--seed"]),
