@@ -51,7 +51,7 @@ from support.checkpoint import param_count
 from support.flags import check_flags, check_window
 from support.report import (Log, Rows, Stages, pair_sum, recovered, rl_curve, row_line, save_report, trace_summary,
                             wilson, write)
-from support.safe_io import SwarrError, run_cli
+from support.safe_io import SwarrError, check_out_folder, run_cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "data"))
@@ -62,6 +62,7 @@ ROWS = Rows(sa="SA + SFT", swa="SWA + SFT", swarr="SWARR (SWA + SFT + RL)", more
 SA, SWA, SWARR, MORE, REJECT, CEIL = ROWS
 FOLDERS = {SA: "sa-sft", SWA: "swa-sft", SWARR: "swarr", MORE: "more-sft", REJECT: "rejection", CEIL: "ceiling"}
 DEFAULT_MODEL = os.path.join(HERE, "data", "tiny-sa")
+OUT_FILES = {"report.md", "results.json", "rl_curve.svg", "sweep.svg", "log.jsonl", "test.jsonl", "models", ".lock"}
 
 # The defaults were chosen on the validation split (--split valid); data/README.md has the search.
 SFT = dict(steps=300, batch=16, lr=1e-3, warmup=10)
@@ -101,6 +102,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=32768, help="context of the decode speed / KV memory comparison")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=os.path.join("runs", "demo"), help="folder for report.md, results.json, ...")
+    p.add_argument("--overwrite", action="store_true", help="write into an --out holding files the demo did not")
     return p
 
 
@@ -268,8 +270,12 @@ def check_args(args) -> list[int]:
                          f"got {args.rejection_rounds}")
     if args.data and not os.path.isfile(args.data):
         raise SwarrError(f"{args.data}: data file not found")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise SwarrError(f"--out {args.out}: exists and is not a folder")
+    check_out_folder(args.out)  # (a file, or a folder this user cannot write: one line)
+    foreign = sorted(f for f in os.listdir(args.out) if f.split(".tmp-")[0] not in OUT_FILES) \
+        if os.path.isdir(args.out) else []
+    if foreign and not args.overwrite:
+        raise SwarrError(f"--out {args.out} holds files the demo did not write ({', '.join(foreign[:3])}): pass "
+                         f"--overwrite to write into it anyway, or choose another --out")
     return windows
 
 

@@ -51,8 +51,11 @@ def run_cli(fn, *args):
     except KeyboardInterrupt as e:
         print(f"error: interrupted{f'; {e}' if str(e) else ''}", file=sys.stderr)
         sys.exit(INTERRUPTED)
-    except OSError as e:
-        if e.errno not in _REFUSED_WRITES:
+    except Exception as e:
+        if interrupted(e):
+            print("error: interrupted", file=sys.stderr)
+            sys.exit(INTERRUPTED)
+        if not isinstance(e, OSError) or e.errno not in _REFUSED_WRITES:
             raise
         print(f"error: {e.filename or 'a write'}: {e.strerror}", file=sys.stderr)
         sys.exit(2)
@@ -65,6 +68,18 @@ def short(v, n: int = 80) -> str:
     """repr(v), cut to fit one error line (a hostile value can be an array of a million entries)."""
     r = repr(v)
     return r if len(r) <= n else r[:n - 3] + "..."
+
+
+def interrupted(e: BaseException) -> bool:
+    """True if `e` is, or was raised while handling, a Ctrl-C: a library that was writing when it came (torch.save's
+    zip writer) can replace the KeyboardInterrupt with an error of its own as it closes the file."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def io_failure(e: BaseException) -> str | None:

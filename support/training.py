@@ -37,7 +37,8 @@ from . import distributed, grader
 from .checkpoint import DTYPES, export_config
 from .evaluate import evaluate
 from .flags import check_flags
-from .safe_io import SwarrError, WriteError, append_text, check_out_folder, io_failure, pid_alive, read_json, recover
+from .safe_io import (SwarrError, WriteError, append_text, check_out_folder, interrupted, io_failure, pid_alive,
+                      read_json, recover)
 
 
 # ---- flags -----------------------------------------------------------------------------------------------
@@ -247,8 +248,8 @@ def releases_lock(run):
     def wrapped(args, *a, **kw):
         try:
             return run(args, *a, **kw)
-        except KeyboardInterrupt as e:
-            if not args.out or str(e):
+        except BaseException as e:
+            if not interrupted(e) or not args.out or isinstance(e, KeyboardInterrupt) and str(e):
                 raise
             if os.path.join(args.out, ".lock") in _HELD:  # this run writes --out: finish what Ctrl-C cut short
                 recover(os.path.join(args.out, "model"))  # (a save's temporaries, the version it replaced)
@@ -578,6 +579,8 @@ def save_checkpoint(out: str, model, tok, optimizer, step: int, args):
         model.save(tok, os.path.join(out, "model"), extra_files={"train_config.json": config})
     except BaseException as e:
         keep_state(out, saved_step(out))  # the checkpoint out/model still holds keeps its state; the rest goes
+        if interrupted(e):  # (torch.save's writer may have turned the Ctrl-C into an error of its own)
+            raise KeyboardInterrupt from None
         why = io_failure(e) if isinstance(e, Exception) else None
         if why is None or isinstance(e, SwarrError) and not isinstance(e, WriteError):
             raise

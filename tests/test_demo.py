@@ -302,3 +302,20 @@ def test_report_files_are_replaced_whole(tmp_path, monkeypatch):
     monkeypatch.undo()
     demo.write(str(path), "new")
     assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_out_holding_other_files_needs_overwrite(tmp_path):
+    """--out holding files the demo did not write is refused before any work unless --overwrite; a folder of an
+    earlier demo run is not (the demo replaces its own files)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "thesis.tex").write_text("mine")
+    r = cli("--out", str(out))
+    assert r.returncode == 2 and "--overwrite" in r.stderr and "thesis.tex" in r.stderr, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
+    assert demo.check_args(demo.parser().parse_args(["--out", str(out), "--overwrite"])) == [40]
+    (out / "thesis.tex").unlink()
+    for name in ("report.md", "results.json", "models", "log.jsonl.tmp-123"):
+        (out / name).write_text("")
+    assert demo.check_args(demo.parser().parse_args(["--out", str(out)])) == [40]
+

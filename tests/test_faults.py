@@ -283,6 +283,43 @@ def test_run_cli_turns_ctrl_c_into_one_line(capsys):
         assert e.value.code == 130 and capsys.readouterr().err == line + "\n"
 
 
+def test_run_cli_sees_ctrl_c_behind_a_library_error(capsys):
+    """torch.save's zip writer, closing the file after Ctrl-C cut a write short, raises an error of its own."""
+    def stopped_in_a_writer():
+        try:
+            raise KeyboardInterrupt
+        finally:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 471232 vs 471120")
+    with pytest.raises(SystemExit) as e:
+        safe_io.run_cli(stopped_in_a_writer)
+    assert e.value.code == 130 and capsys.readouterr().err == "error: interrupted\n"
+    with pytest.raises(RuntimeError):  # the same error with no Ctrl-C behind it stays itself
+        safe_io.run_cli(lambda: (_ for _ in ()).throw(RuntimeError("unexpected pos")))
+
+
+def test_ctrl_c_inside_torch_save_names_the_last_good_checkpoint(sft_run, tmp_path, capsys, monkeypatch):
+    """Ctrl-C while the trainer state is written, turned by the writer into a RuntimeError: exit 130, one line
+    naming step 2, and --out as it was."""
+    ckpt, data, run = copy_run(sft_run, tmp_path)
+    before, names = snapshot(run), sorted(os.listdir(run))
+    real_save = training.torch.save
+
+    def save_cut_short(obj, f, *a, **kw):
+        f.write(b"\0" * 100)
+        try:
+            raise KeyboardInterrupt
+        finally:
+            raise RuntimeError("unexpected pos 100 vs 0")
+    monkeypatch.setattr(training.torch, "save", save_cut_short)
+    code, err = cli(capsys, ["--model", ckpt, "--data", data, "--out", str(run), "--resume", *TRAIN], train_sft.main)
+    monkeypatch.setattr(training.torch, "save", real_save)
+    assert code == 130 and "Traceback" not in err, err
+    lines = [ln for ln in err.strip().splitlines() if not ln.startswith("note: ")]
+    assert len(lines) == 1 and lines[0].startswith(f"error: interrupted; the last good checkpoint: {run}/model (step 2)")
+    assert_run_as_before(run, before, names)
+    assert not training._HELD
+
+
 def test_ctrl_c_in_the_grader_cli(tmp_path, capsys, monkeypatch):
     f = tmp_path / "in.jsonl"
     f.write_text('{"gold": "1", "prediction": "1"}\n')
