@@ -1,34 +1,31 @@
 """The main job: the SWARR finding, end to end, on the embedded default (a CPU, a few minutes).
 
-    python demo.py [--seed 0] [--window 40] [--quick] [--sweep] [--rate R] [--split valid] [--out runs/demo]
+    python demo.py [--seed 0] [--window 40] [--quick] [--ablations] [--sweep] [--rate R] [--split valid]
 
 From one pretrained self-attention (SA) model (data/tiny-sa, 0.82M parameters, pretrained by data/pretrain.py)
 and one synthetic task (data/synth.py: sums of products, whose SFT traces are written "for SA"), it runs
   1. SA + SFT        the full-attention baseline                               (train_sft.run)
   2. SWA + SFT       the conversion: same data, same steps, window W           (train_sft.run --window W)
   3. SWARR           2, then on-policy REINFORCE, reward = correctness         (train_rl.run)
-  4. more SFT        2, then as many more SFT sequences as RL samples          (train_sft.run)
+  4. more SFT        2, then more SFT on the same data                         (train_sft.run)
   5. rejection       2's own samples, as many as RL draws, at RL's temperature, on RL's prompts, kept when the
-     sampling        same reward accepts them, then fine-tuned on for as many sequences as RL samples (train_sft.run);
-                     with --rejection-rounds R, the same budget in R rounds, each sampling from the last round's model
-  6. ceiling         2, then as many SFT sequences of traces that restate at every line (what a trajectory that
-                     always stays near can reach inside the window)
-and evaluates every row on held-out problems never seen in training (support.evaluate): greedy, and at T = 1
-(several samples per problem), each with a 95% Wilson interval. The training and evaluation loops are those of
-train_sft.py, train_rl.py and `swarr.py eval`; this file only wires them up (support/report.py renders the report).
+     sampling        same reward accepts them, then fine-tuned on (train_sft.run); with --rejection-rounds R, the
+                     same budget in R rounds, each sampling from the last round's model
+  6. ceiling         2, then SFT on traces that restate at every line (what a trajectory that always stays near can
+                     reach inside the window)
+Rows 3-6 are matched: RL's optimizer steps of RL's batch at a constant rate (RL's schedule), each at its own rate
+chosen on the validation split from one grid (LR). Every row is evaluated on held-out problems, greedily (Wilson
+interval) and at T = 1 (samples clustered by problem: a cluster bootstrap); rows are compared paired, per problem.
+The mechanism: each line of a solution may restate the terms still to come; the SFT data restate at a minority rate
+(synth.RESTATE_RATE), and a trace that rarely restates reaches back beyond a small window. Every row reports its
+restatement rate and lookback (synth.lookback). Nothing in the data, the reward or the selection knows W.
 
-Besides accuracy it measures the mechanism: every line of a solution may restate the terms still to come, or
-not. The SFT data restate at a minority rate per line (synth.RESTATE_RATE), independently; a trace that restates
-rarely reaches back to the question, beyond a small window. For the SFT data and every row it reports the
-per-line restatement rate and how far back the traces reach (synth.lookback). Nothing that makes the data, the
-reward or the selection knows W; only the model's attention does.
+--ablations adds rows that intervene on the mechanism: rows 2, 3 and 5 decoded with restating forced, then banned,
+at every line (synth.LineConstraint); the same RL from SA + SFT, without the window; the same RL without the group
+baseline; and accuracy by restatement pattern. --sweep runs rows 2-6 for each window of --windows (sweep.svg).
 
---sweep runs rows 2-6 for each window of --windows (SA + SFT once) and draws them against W (sweep.svg).
-
-Writes to --out: report.md, results.json (every number), rl_curve.svg, log.jsonl (every training event),
-models/<row>/ (HF format) and test.jsonl (the held-out problems), so that for example
-    python swarr.py eval --model runs/demo/models/swarr --data runs/demo/test.jsonl
-grades a row again.
+The loops are train_sft.py's, train_rl.py's and eval's; support/report.py renders report.md, results.json and
+rl_curve.svg in --out, beside log.jsonl, models/<row>/ and test.jsonl (`swarr.py eval` grades a row again).
 """
 from __future__ import annotations
 
@@ -47,11 +44,12 @@ import train_rl
 import train_sft
 from csrc import ops
 from support import evaluate, training
+from support.training import share
 from support.checkpoint import param_count
-from support.flags import check_flags, check_window
-from support.report import (Log, Rows, Stages, pair_sum, recovered, rl_curve, row_line, save_report, trace_summary,
-                            wilson, write)
-from support.safe_io import SwarrError, check_out_folder, run_cli
+from support.flags import check_demo
+from support.report import (Log, Rows, Stages, by_pattern, clustered, collapse_of, design_effect, pair_sum, recovered,
+                            rl_curve, row_line, save_report, statistics, wilson, write)
+from support.safe_io import SwarrError, run_cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "data"))
@@ -61,13 +59,18 @@ ROWS = Rows(sa="SA + SFT", swa="SWA + SFT", swarr="SWARR (SWA + SFT + RL)", more
             reject="rejection sampling", ceiling="ceiling (all lines restate)")
 SA, SWA, SWARR, MORE, REJECT, CEIL = ROWS
 FOLDERS = {SA: "sa-sft", SWA: "swa-sft", SWARR: "swarr", MORE: "more-sft", REJECT: "rejection", CEIL: "ceiling"}
+NO_WINDOW, NO_BASELINE = "RL without the window (SA + SFT + RL)", "RL without the baseline (SWA + SFT + RL)"
 DEFAULT_MODEL = os.path.join(HERE, "data", "tiny-sa")
 OUT_FILES = {"report.md", "results.json", "rl_curve.svg", "sweep.svg", "log.jsonl", "test.jsonl", "models", ".lock"}
 
-# The defaults were chosen on the validation split (--split valid); data/README.md has the search.
-SFT = dict(steps=300, batch=16, lr=1e-3, warmup=10)
-RL = dict(steps=40, prompts=8, group=8, lr=2e-4, temperature=1.0, micro_batch=32)
-QUICK_RL = dict(steps=20, lr=3e-4)
+SFT = dict(steps=300, batch=16, lr=1e-3, warmup=10)  # the conversion (rows 1 and 2): warmup, then a cosine
+RL = dict(steps=40, prompts=8, group=8, temperature=1.0, micro_batch=32)
+QUICK_STEPS = 20
+# Rows 3-6 each at its own constant learning rate, chosen on the validation split (--split valid) from GRID, for the
+# default run and for --quick; data/README.md has the validation numbers. --rl-lr and --control-lr override them.
+GRID = (1e-4, 3e-4, 1e-3, 3e-3)
+LR = {SWARR: 3e-4, MORE: 1e-3, REJECT: 1e-3, CEIL: 1e-3}
+QUICK_LR = {SWARR: 3e-4, MORE: 1e-3, REJECT: 1e-3, CEIL: 1e-3}
 WINDOW = 40
 SWEEP = (24, 32, 40, 48, 56, 64)
 # What the default run must show (README.md), checked on every run's own numbers (checks)
@@ -78,8 +81,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="demo.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--seed", type=int, default=0, help="data split, batch order, sampling (default 0)")
     p.add_argument("--window", type=int, default=WINDOW, help=f"the SWA window W, keys per query (default {WINDOW})")
-    p.add_argument("--quick", action="store_true",
-                   help=f"RL {QUICK_RL['steps']} steps at lr {QUICK_RL['lr']:g} (controls matched), 100 test problems")
+    p.add_argument("--quick", action="store_true", help=f"RL and the controls {QUICK_STEPS} steps, 100 test problems")
+    p.add_argument("--ablations", action="store_true", help="add the rows that intervene on the mechanism")
     p.add_argument("--sweep", action="store_true", help="rows 2-6 for every window of --windows, and sweep.svg")
     p.add_argument("--windows", default=",".join(map(str, SWEEP)), help="the windows of --sweep")
     p.add_argument("--rate", type=float, default=synth.RESTATE_RATE,
@@ -93,11 +96,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--n-test", type=int, default=None, help="held-out problems (default 200, --quick 100)")
     p.add_argument("--samples", type=int, default=4, help="samples per held-out problem at T = 1 (default 4)")
     p.add_argument("--sft-steps", type=int, default=SFT["steps"])
-    p.add_argument("--rl-steps", type=int, default=None, help=f"default {RL['steps']}, --quick {QUICK_RL['steps']}")
-    p.add_argument("--rl-lr", type=float, default=None, help=f"default {RL['lr']:g}, --quick {QUICK_RL['lr']:g}")
-    p.add_argument("--rejection-rounds", type=int, default=1,
-                   help="iterated rejection sampling: RL's samples and sequences split over this many rounds, each "
-                        "sampling from the model the last round fine-tuned (default 1: one filter of SWA + SFT)")
+    p.add_argument("--rl-steps", type=int, default=None, help=f"default {RL['steps']}, --quick {QUICK_STEPS}")
+    p.add_argument("--rl-lr", type=float, default=None, help="RL's learning rate (default: LR, chosen on validation)")
+    p.add_argument("--control-lr", type=float, default=None, help="every control's (default: each its own, LR)")
+    p.add_argument("--rejection-rounds", type=int, default=1, help="iterated rejection sampling: RL's budget in this "
+                   "many rounds, each sampling from the model the last round tuned (default 1: one filter of row 2)")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--context", type=int, default=32768, help="context of the decode speed / KV memory comparison")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -130,51 +133,48 @@ def task(args, tok, cfg):
 
 
 # ---- the rows ----------------------------------------------------------------------------------------------
-def sft(model, tok, pairs, args, window, steps, seed, log):
-    """train_sft.run with the demo's settings; returns the fine-tuned model (trained in place). The warmup is
-    at most a quarter of the steps, so that a short run (a round of iterated rejection sampling) still trains at
-    the full learning rate for most of its steps."""
+def sft(model, tok, pairs, args, window, seed, log, steps, batch=SFT["batch"], rate=SFT["lr"], matched=False):
+    """train_sft.run with the demo's settings; returns the fine-tuned model (trained in place). The conversion
+    warms up, then decays (a cosine to a tenth); a matched control (matched=True) runs at RL's constant rate."""
     a = train_sft.parser().parse_args(
-        ["--out", "", "--max-steps", str(steps), "--batch-size", str(SFT["batch"]), "--lr", str(SFT["lr"]),
-         "--warmup", str(min(SFT["warmup"], steps // 4)), "--min-lr-ratio", "0.1", "--eval-every", "0",
-         "--log-every", "100", "--seed", str(seed), "--device", args.device] + (["--window", str(window)] if window else []))
+        ["--out", "", "--max-steps", str(steps), "--batch-size", str(batch), "--lr", str(rate), "--warmup",
+         "0" if matched else str(SFT["warmup"]), "--min-lr-ratio", "1" if matched else "0.1", "--eval-every", "0",
+         "--log-every", "100", "--seed", str(seed), "--device", args.device] + ["--window", str(window)] * bool(window))
+    log.runs.append(dict(steps=steps, batch=batch, lr=rate, schedule="constant" if matched else "warmup, cosine"))
     return train_sft.run(a, model, tok, pairs, None, log=log, history=log.history)
 
 
-def share(r: int, total: int, rounds: int) -> range:
-    """Round r's part of range(total) split into `rounds` consecutive parts: r*total//rounds .. (r+1)*total//rounds.
-    The parts cover range(total) exactly once, and none is empty when rounds <= total."""
-    return range(r * total // rounds, (r + 1) * total // rounds)
+def rl_steps(args) -> int:
+    return args.rl_steps or (QUICK_STEPS if args.quick else RL["steps"])
 
 
-def rl_settings(args) -> tuple[int, float]:
-    """(RL steps, RL learning rate) of this run."""
-    base = QUICK_RL if args.quick else RL
-    return args.rl_steps or base["steps"], args.rl_lr or base["lr"]
+def lr(args, row: str) -> float:
+    """The learning rate of row 3-6 (or of an ablation's RL) in this run."""
+    chosen = (QUICK_LR if args.quick else LR)[row if row in LR else SWARR]
+    return (args.rl_lr if row not in (MORE, REJECT, CEIL) else args.control_lr) or chosen
 
 
 def budget(args) -> dict:
-    """What every control is matched to: RL's sampled completions (steps x prompts x group); the SFT controls
-    fine-tune on as many sequences, i.e. that many / batch steps."""
-    steps, _ = rl_settings(args)
-    samples = steps * RL["prompts"] * RL["group"]
-    return dict(rl_samples=samples, sequences=samples, sft_steps=samples // SFT["batch"])
+    """What every control is matched to, RL's: its optimizer steps, its batch (prompts x group sequences a step),
+    so its sampled completions (steps x batch) are the controls' sequences; its schedule is a constant rate."""
+    steps, batch = rl_steps(args), RL["prompts"] * RL["group"]
+    return dict(rl_samples=steps * batch, sequences=steps * batch, steps=steps, batch=batch)
 
 
-def reward(completion: str, problem: dict) -> float:
-    """The one reward of RL and of rejection sampling: 1 if the final answer is correct (support.grader.grade),
-    else 0."""
-    return train_rl.default_reward(completion, problem)
+reward = train_rl.default_reward  # the one reward of RL and rejection sampling: 1 if the answer is right, else 0
 
 
-def rl(model, tok, problems, tests, args, log, restates: list):
-    """train_rl.run with the demo's settings. `restates` gets (restated lines, lines) of each training rollout."""
-    steps, lr = rl_settings(args)
+def rl(model, tok, problems, args, log, restates: list, row=SWARR):
+    """train_rl.run with the demo's settings (NO_BASELINE: without the group baseline). `restates` gets (restated
+    lines, lines) of each training rollout."""
+    steps, rate = rl_steps(args), lr(args, row)
     a = train_rl.parser().parse_args(
         ["--out", "", "--steps", str(steps), "--prompts-per-step", str(RL["prompts"]), "--group-size",
-         str(RL["group"]), "--temperature", str(RL["temperature"]), "--lr", str(lr), "--max-new-tokens",
-         str(args.max_new_tokens), "--micro-batch", str(RL["micro_batch"]), "--eval-every", "0",
-         "--eval-n", "0", "--show-every", str(steps), "--seed", str(args.seed), "--device", args.device])
+         str(RL["group"]), "--temperature", str(RL["temperature"]), "--lr", str(rate), "--max-new-tokens",
+         str(args.max_new_tokens), "--micro-batch", str(RL["micro_batch"]), "--eval-every", "0", "--eval-n", "0",
+         "--show-every", str(steps), "--seed", str(args.seed), "--device", args.device]
+        + (["--no-baseline"] if row == NO_BASELINE else []))
+    log.runs.append(dict(steps=steps, batch=RL["prompts"] * RL["group"], lr=rate, schedule="constant"))
 
     def watched(completion, problem):  # the reward, noting how often each rollout restates
         restates.append(synth.restate_counts(completion))
@@ -184,10 +184,9 @@ def rl(model, tok, problems, tests, args, log, restates: list):
 
 
 def rejection_samples(model, tok, problems, args, steps: range) -> tuple[list, dict]:
-    """RL's sampling without its updates: the prompts RL sees at `steps` (train_rl.pick), as many samples per
-    prompt, at RL's temperature, with RL's sampling seeds; kept when `reward` accepts them.
-    Returns (the kept (prompt, response) pairs, counts); the counts include [restating lines, lines] of all the
-    drawn samples and of the kept ones (synth.restate_counts), so the report can say what the filter selected."""
+    """RL's sampling without its updates: the prompts RL sees at `steps` (train_rl.pick), as many samples per prompt,
+    at RL's temperature, with RL's sampling seeds; kept when `reward` accepts them. Returns (the kept (prompt,
+    response) pairs, counts), with [restating lines, lines] of all the drawn samples and of the kept ones."""
     P, G = RL["prompts"], RL["group"]
     eot = train_sft.end_of_turn(tok, model.cfg)
     kept, drawn_lines, kept_lines = [], [], []
@@ -204,36 +203,30 @@ def rejection_samples(model, tok, problems, args, steps: range) -> tuple[list, d
 
 
 # ---- measuring a row ---------------------------------------------------------------------------------------
-def trace_stats(tok, prompts: list[str], completions: list[str]) -> dict:
-    """Per-line restatement rate and the lookback distribution (synth.lookback, tokens) of some traces."""
-    return trace_summary([synth.restate_counts(c) for c in completions],
-                         [synth.lookback(tok, p + c, len(p)) for p, c in zip(prompts, completions)])
-
-
-def measure(model, tok, tests, args, name, window) -> dict:
-    """Greedy accuracy and accuracy at T = 1 (--samples per problem) on the held-out problems, each with a 95%
-    Wilson interval; for the synthetic task also the restatement rate and lookbacks of those traces."""
-    greedy, rows = evaluate.evaluate(model, tok, tests, max_new_tokens=args.max_new_tokens, batch_size=50,
-                                  seed=args.seed, progress=False)
+def measure(model, tok, tests, args, name, window, constrain=None) -> dict:
+    """Greedy accuracy (95% Wilson interval) and accuracy at T = 1 (--samples per problem; interval clustered by
+    problem), each problem's correctness (for paired comparisons); on the synthetic task also the restatement rate,
+    lookbacks and restatement pattern of the traces. constrain: "forced" or "banned" restating (synth.LineConstraint)"""
+    how = dict(max_new_tokens=args.max_new_tokens, batch_size=50, progress=False, constrain=constrain and (
+        lambda prompts, k: synth.LineConstraint.of(tok, model.cfg.vocab_size, constrain, prompts, k)))
+    greedy, rows = evaluate.evaluate(model, tok, tests, seed=args.seed, **how)
     k = args.samples
-    sampled, srows = evaluate.evaluate(model, tok, tests, max_new_tokens=args.max_new_tokens, batch_size=50,
-                                    samples=k, temperature=1.0, seed=args.seed + 1, progress=False)
+    sampled, srows = evaluate.evaluate(model, tok, tests, samples=k, temperature=1.0, seed=args.seed + 1, **how)
     n, s_acc = greedy["n"], sampled.get("mean_accuracy", sampled["accuracy"])
+    per = dict(greedy=[int(r["correct"]) for r in rows],
+               sampled=[[int(r["correct"]) for r in srows[i * k:(i + 1) * k]] for i in range(n)])
     out = dict(row=name, window=window, n=n, samples=k, accuracy=greedy["accuracy"],
-               ci=wilson(greedy["accuracy"] * n, n), sampled=s_acc, sampled_ci=wilson(s_acc * n * k, n * k),
-               mean_length=greedy["mean_length"], truncated=greedy["truncated"])
+               ci=wilson(greedy["accuracy"] * n, n), sampled=s_acc, sampled_ci=clustered(per["sampled"], args.seed),
+               design_effect=design_effect(per["sampled"]), per_problem=per, mean_length=greedy["mean_length"],
+               truncated=greedy["truncated"])
     if not args.data:
         prompts = [t["prompt"] for t in tests]
-        out["greedy_traces"] = trace_stats(tok, prompts, [r["completion"] for r in rows])
-        out["sampled_traces"] = trace_stats(tok, [prompts[i // k] for i in range(n * k)],
+        out["greedy_traces"] = synth.trace_stats(tok, prompts, [r["completion"] for r in rows])
+        out["sampled_traces"] = synth.trace_stats(tok, [prompts[i // k] for i in range(n * k)],
                                             [r["completion"] for r in srows])
+        out["patterns"] = [synth.pattern(r["completion"]) for r in srows]
     print(row_line(out), flush=True)
     return out
-
-
-def collapse_of(history: list) -> str | None:
-    """The RL collapse train_rl reported in this run's events, if any."""
-    return next((h["reason"] for h in history if h.get("event") == "collapse"), None)
 
 
 def checks(res: dict) -> dict:
@@ -255,83 +248,88 @@ def checks(res: dict) -> dict:
 
 
 # ---- the run -----------------------------------------------------------------------------------------------
-def check_args(args) -> list[int]:
-    """Everything a command line cannot mean, before anything trains; returns the windows to run."""
-    check_flags(args)
-    try:
-        windows = [int(w) for w in args.windows.split(",")] if args.sweep else [args.window]
-    except ValueError:
-        raise SwarrError(f"--windows {args.windows!r}: expected comma-separated integers") from None
-    for w in windows:
-        check_window(w)
-    steps = rl_settings(args)[0]  # every round samples at least one RL step (and fine-tunes 4 x as many)
-    if not 1 <= args.rejection_rounds <= steps:
-        raise SwarrError(f"--rejection-rounds must be between 1 and the RL steps ({steps}), "
-                         f"got {args.rejection_rounds}")
-    if args.data and not os.path.isfile(args.data):
-        raise SwarrError(f"{args.data}: data file not found")
-    check_out_folder(args.out)  # (a file, or a folder this user cannot write: one line)
-    foreign = sorted(f for f in os.listdir(args.out) if f.split(".tmp-")[0] not in OUT_FILES) \
-        if os.path.isdir(args.out) else []
-    if foreign and not args.overwrite:
-        raise SwarrError(f"--out {args.out} holds files the demo did not write ({', '.join(foreign[:3])}): pass "
-                         f"--overwrite to write into it anyway, or choose another --out")
-    return windows
-
-
 def window_rows(swa_base, tok, data, args, window, log, stages, save_to=None) -> dict:
     """Rows 2-6 at one window: SWA + SFT, SWARR, more SFT, rejection sampling, ceiling. Returns their
-    measurements and the run's RL curve, budgets and collapse report."""
+    measurements, the run's RL curve, what each method ran (matched), and the models of rows 2, 3 and 5."""
     pairs, problems, tests, ceiling = data
-    b, results, restates = budget(args), [], []
+    b, results, restates, matched, models = budget(args), [], [], {}, {}
 
     def stage(name, make):
         stages.start(f"{name} (W = {window})")
-        model = make()
-        results.append(measure(model, tok, tests, args, name, window))
+        first = len(log.runs)
+        models[name] = make()
+        if name != SWA:  # what rows 3-6 ran: RL's steps, batch and schedule
+            matched[name] = log.ran(first, lr(args, name))
+        results.append(measure(models[name], tok, tests, args, name, window))
         if save_to:
-            swarr.save(model, tok, os.path.join(save_to, FOLDERS[name]))  # atomic; `swarr.py eval` reads it
+            swarr.save(models[name], tok, os.path.join(save_to, FOLDERS[name]))  # atomic; `swarr.py eval` reads it
         stages.end()
-        return model
+        return models[name]
 
-    swa = stage(SWA, lambda: sft(copy.deepcopy(swa_base), tok, pairs, args, window, args.sft_steps, args.seed, log))
+    def control(model, data, name, seed, steps=b["steps"]):  # RL's steps of RL's batch, at RL's (constant) schedule
+        return sft(copy.deepcopy(model), tok, data, args, window, seed, log, steps, b["batch"], lr(args, name), True)
+
+    swa = stage(SWA, lambda: sft(copy.deepcopy(swa_base), tok, pairs, args, window, args.seed, log, args.sft_steps))
     first = len(log.history)
-    stage(SWARR, lambda: rl(copy.deepcopy(swa), tok, problems, tests, args, log, restates))
+    stage(SWARR, lambda: rl(copy.deepcopy(swa), tok, problems, args, log, restates))
     rl_events = log.history[first:]
-    stage(MORE, lambda: sft(copy.deepcopy(swa), tok, pairs, args, window, b["sft_steps"], args.seed + 1, log))
-    rs = dict(rounds=args.rejection_rounds, sequences=0)
+    stage(MORE, lambda: control(swa, pairs, MORE, args.seed + 1))
+    rs = dict(rounds=args.rejection_rounds)
 
     def rejection():
-        model, R, S, n_sft = swa, args.rejection_rounds, rl_settings(args)[0], b["sft_steps"]
-        rounds = []
-        for r in range(R):  # round r: RL's steps share(r, S) sampled, then share(r, n_sft) SFT steps on what was kept
+        model, R, S, rounds = swa, args.rejection_rounds, b["steps"], []
+        for r in range(R):  # round r: RL's steps share(r, S) sampled, then as many SFT steps on what was kept
             kept, counts = rejection_samples(model, tok, problems, args, share(r, S, R))
             rounds.append(counts)
             print(f"  rejection sampling{f' round {r + 1}/{R}' if R > 1 else ''}: {counts['kept']} of "
                   f"{counts['drawn']} samples accepted by the reward", flush=True)
             if kept:  # with nothing kept there is nothing to learn from: the model stays as it was
-                steps = len(share(r, n_sft, R))
-                model = sft(copy.deepcopy(model), tok, kept, args, window, steps, args.seed + 1 + r, log)
-                rs["sequences"] += steps * SFT["batch"]
+                model = control(model, kept, REJECT, args.seed + 1 + r, len(share(r, S, R)))
         rs.update({key: sum(c[key] for c in rounds) for key in ("drawn", "kept")},
                   **{key: pair_sum(c[key] for c in rounds) for key in ("drawn_lines", "kept_lines")})
         return copy.deepcopy(model) if model is swa else model
 
     stage(REJECT, rejection)
     if ceiling:
-        stage(CEIL, lambda: sft(copy.deepcopy(swa), tok, ceiling, args, window, b["sft_steps"], args.seed + 1, log))
+        stage(CEIL, lambda: control(swa, ceiling, CEIL, args.seed + 1))
     curve = rl_curve(rl_events, restates if ceiling else [], RL["prompts"] * RL["group"])
-    return dict(rows=results, rl_curve=curve, rejection=rs, collapse=collapse_of(rl_events))
+    return dict(rows=results, rl_curve=curve, rejection=rs, collapse=collapse_of(rl_events), matched=matched,
+                models={k: models[k] for k in (SWA, SWARR, REJECT)})
+
+
+def ablations(sa, models, tok, data, args, log, stages, res: dict):
+    """--ablations, each changing one thing: the models of rows 2, 3 and 5 decoded with restating forced, then
+    banned, at every line (constrained decoding, the weights and everything else as they were); the same RL from
+    SA + SFT, where no window presses (NO_WINDOW); the same RL without the group baseline (NO_BASELINE). Adds the
+    rows, what their RL ran, the paired comparisons and accuracy by restatement pattern to `res`."""
+    (_, problems, tests, _), window, seed = data, args.window, args.seed
+    rows, curves, matched = [], {}, res["matched"]
+    for name in (SWA, SWARR, REJECT):
+        for mode in ("forced", "banned"):
+            stages.start(f"{name}, {mode} restating")
+            rows.append(measure(models[name], tok, tests, args, f"{name}, {mode} restating", window, mode))
+            stages.end()
+    for label, start, w in ((NO_WINDOW, sa, None), (NO_BASELINE, models[SWA], window)):
+        stages.start(label)
+        restates, first, runs = [], len(log.history), len(log.runs)
+        rows.append(measure(rl(copy.deepcopy(start), tok, problems, args, log, restates, label), tok, tests, args,
+                            label, w))
+        curves[label] = rl_curve(log.history[first:], restates, RL["prompts"] * RL["group"])
+        matched[label] = log.ran(runs, lr(args, label))
+        stages.end()
+    pairs = [(f"{n}, {m} restating", n) for n in (SWA, SWARR, REJECT) for m in ("forced", "banned")]
+    res.update(ablations=rows, ablation_curves=curves, patterns=by_pattern(res["rows"], [SWA, SWARR, REJECT], seed),
+               ablation_paired=statistics(rows, ROWS, args.seed, pairs + [(SWARR, NO_BASELINE)], base=res["rows"]))
 
 
 def run(args) -> dict:
-    windows = check_args(args)
+    windows = check_demo(args, rl_steps(args), OUT_FILES)  # one error line for a flag that cannot mean anything
     torch.manual_seed(args.seed)
     t0 = time.time()
-    rl_cost = 45 if args.quick else 80
-    per_window = [(SWA, 30), (SWARR, rl_cost), (MORE, 15), (REJECT, rl_cost // 2 + 15), (CEIL, 15)]
-    stages = Stages([("load", 0), (SA, 30)] + per_window * len(windows)
-                    + ([] if args.sweep else [("decode speed", 10)]))
+    rl_cost = 45 if args.quick else 80  # (seconds on the 2-core dev CPU: the ETA's weights)
+    stages = Stages([("load", 0), (SA, 30)] + [(SWA, 30), (SWARR, rl_cost), (MORE, 15), (REJECT, rl_cost // 2 + 15),
+                                                (CEIL, 15)] * len(windows) + [("decode speed", 10)] * (not args.sweep)
+                    + ([("forced / banned", 8)] * 6 + [(NO_WINDOW, rl_cost), (NO_BASELINE, rl_cost)]) * args.ablations)
     stages.start("load")
     base, tok = swarr.load(args.model, torch.float32, args.device)
     if max(windows) > base.cfg.max_pos:  # checked now, not after the first stage has trained
@@ -347,26 +345,26 @@ def run(args) -> dict:
     write(os.path.join(args.out, "test.jsonl"), "".join(json.dumps(t) + "\n" for t in tests))  # prompts as seen
     stages.end()
     log = Log()
-    res = dict(args=vars(args), device=args.device, rl_steps=rl_settings(args)[0], budget=budget(args))
+    res = dict(args=vars(args), device=args.device, rl_steps=rl_steps(args), budget=budget(args))
     if ceiling:
-        res["sft_traces"] = trace_stats(tok, [p for p, _ in pairs[:400]], [r for _, r in pairs[:400]])
+        res["sft_traces"] = synth.trace_stats(tok, [p for p, _ in pairs[:400]], [r for _, r in pairs[:400]])
         res["sft_traces"].pop("lookbacks")
     models = None if args.sweep else os.path.join(args.out, "models")
 
     stages.start(SA)
-    sa = sft(copy.deepcopy(base), tok, pairs, args, None, args.sft_steps, args.seed, log)
+    sa = sft(copy.deepcopy(base), tok, pairs, args, None, args.seed, log, args.sft_steps)
     sa_row = measure(sa, tok, tests, args, SA, None)
     if models:
         swarr.save(sa, tok, os.path.join(models, FOLDERS[SA]))
     stages.end()
-    del sa
 
     per = {}
     for w in windows:
         per[w] = window_rows(base, tok, data, args, w, log, stages, models)
         write(os.path.join(args.out, "log.jsonl"), "".join(json.dumps(h) + "\n" for h in log.history))
         if args.sweep:  # the table and figure so far, rewritten after each window
-            r = dict(per[w], rows=[sa_row] + per[w]["rows"])
+            r = dict(per[w], rows=[sa_row] + per[w]["rows"], models=None)
+            statistics(r["rows"], ROWS, args.seed)  # (adds the gap-recovered intervals)
             res.setdefault("windows", {})[w] = dict(r, checks=checks(r))
             res.update(sa=sa_row, wall_s=time.time() - t0)
             text = save_report(args.out, res, ROWS)
@@ -377,13 +375,17 @@ def run(args) -> dict:
 
     one = per[args.window]
     res.update(rows=[sa_row] + one["rows"], rl_curve=one["rl_curve"], rejection=one["rejection"],
-               collapse=one["collapse"])
+               collapse=one["collapse"], matched=one["matched"])
+    res["paired"] = statistics(res["rows"], ROWS, args.seed, [(SWARR, k) for k in (MORE, REJECT, CEIL)])
+    if args.ablations:
+        ablations(sa, one["models"], tok, data, args, log, stages, res)
+        write(os.path.join(args.out, "log.jsonl"), "".join(json.dumps(h) + "\n" for h in log.history))
     stages.start("decode speed")
     res["speed"] = bench.sa_and_swa(base, args.window, B=16, C=args.context, steps=8)  # decode tok/s, KV bytes
     stages.end()
     res["wall_s"] = time.time() - t0
     res["checks"] = checks(res)
-    text = save_report(args.out, res, ROWS, sft_batch=SFT["batch"], rl=RL, paper_32k=bench.PAPER_32K)
+    text = save_report(args.out, res, ROWS, rl=RL, paper_32k=bench.PAPER_32K)
     print("\n" + text)
     print(f"wrote {args.out}/: report.md, results.json, rl_curve.svg, log.jsonl, test.jsonl, models/")
     return res

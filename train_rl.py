@@ -40,6 +40,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--std-norm", action="store_true", help="divide advantages by the group's reward std")
+    p.add_argument("--no-baseline", action="store_true", help="advantage = raw reward (an ablation: no group mean)")
     p.add_argument("--norm", choices=["tokens", "constant"], default="tokens",
                    help="divide the summed token losses by the batch's completion tokens or by P*G*max_new_tokens")
     p.add_argument("--skip-zero-var", action="store_true", help="leave equal-reward groups out (one process only)")
@@ -89,10 +90,10 @@ def default_reward(completion: str, record: dict) -> float:
 
 
 # ---- 3. advantages ----------------------------------------------------------------------------------------
-def advantages(rewards: torch.Tensor, std_norm: bool) -> torch.Tensor:
-    """(P, G) rewards -> (P, G) advantages, each group against its own mean.
+def advantages(rewards: torch.Tensor, std_norm: bool, baseline: bool = True) -> torch.Tensor:
+    """(P, G) rewards -> (P, G) advantages, each group against its own mean (baseline=False: the rewards as they are).
     Example: [[1, 0, 0, 1], [1, 1, 1, 1]] -> [[0.5, -0.5, -0.5, 0.5], [0, 0, 0, 0]]."""
-    adv = rewards - rewards.mean(1, keepdim=True)
+    adv = rewards - rewards.mean(1, keepdim=True) if baseline else rewards
     return adv / (rewards.std(1, keepdim=True) + 1e-6) if std_norm else adv
 
 
@@ -175,7 +176,7 @@ def run(args, model=None, tok=None, problems=None, held_out=None, reward_fn=None
         # 2. reward
         rewards = torch.tensor([reward_fn(s["text"], s["problem"]) for s in samples], dtype=torch.float32).view(-1, G)
         # 3. advantages; groups of equal rewards have none (--skip-zero-var leaves them out)
-        adv = advantages(rewards, args.std_norm).flatten()
+        adv = advantages(rewards, args.std_norm, not args.no_baseline).flatten()
         zero_var = rewards.max(1).values == rewards.min(1).values
         rows = [i for i in range(len(samples)) if not (args.skip_zero_var and zero_var[i // G])]
         # 4. loss and its gradient, micro-batched under one normalisation for the whole (global) batch

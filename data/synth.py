@@ -32,9 +32,12 @@ lie in between (tests/test_data.py, README.md).
 """
 from __future__ import annotations
 
+import math
 import random
 import re
 from dataclasses import dataclass
+
+import torch
 
 RESTATE_RATE = 0.25    # per line, in the SFT data (traces written for full attention)
 CORPUS_RATE = 0.5      # per line, in the pretraining text (the base model knows both kinds of line equally)
@@ -102,6 +105,12 @@ def restate_counts(completion: str) -> tuple[int, int]:
     return sum(r), len(r)
 
 
+def pattern(completion: str) -> str:
+    """How a completion's lines restate: "all" of those that could, "some", or "none" (also when none could)."""
+    k, n = restate_counts(completion)
+    return "all" if n and k == n else "some" if k else "none"
+
+
 def problems(n: int, seed: int, exclude=(), **kw) -> list[Problem]:
     """n distinct problems from a seeded generator, none of them in `exclude` (e.g. the test set)."""
     rng, seen, out = random.Random(seed), set(exclude), []
@@ -137,6 +146,51 @@ def corpus(n: int, seed: int, rate: float = CORPUS_RATE) -> list[str]:
     base model can do the arithmetic and the copying but has never seen the chat format the SFT data uses."""
     rng = random.Random(seed)
     return [f"{p.prompt}\n{sample_solution(p, rate, rng)}" for p in problems(n, seed)]
+
+
+# ---- intervening on a trace: constrained decoding on the line pattern (the demo's --ablations) ------------
+WORKED = (re.compile(r"\d\*\d=\d+"), re.compile(r"\d\*\d=\d+ so \d+\+\d+=\d+"))  # line 0, later lines
+
+
+class LineConstraint:
+    """swarr.generate's `constrain` for this task: "forced" makes every working line that has terms after it
+    restate, "banned" makes none restate; the model writes everything else, the restated terms included.
+    Forced: once such a line's last number is written (WORKED matches the whole line), the only tokens allowed
+    are more digits or the next characters of LEFT. Banned: on a working line no token may bring a ','. Rows are
+    the samples of generate (row r belongs to prompt r // samples); n_terms[r] is that problem's term count."""
+
+    def __init__(self, tok, vocab_size: int, mode: str, n_terms: list[int]):
+        assert mode in ("forced", "banned"), mode
+        self.mode, self.n_terms, self.texts = mode, n_terms, [tok.decode([i]) for i in range(vocab_size)]
+        self.comma = torch.tensor([LEFT[0] in t for t in self.texts])
+        # allowed after the line's last number has `typed` of LEFT: digits (the number goes on) only when none is
+        self.allowed = {k: torch.tensor([(k == 0 and t.isdigit()) or LEFT.startswith(LEFT[:k] + t) and t != ""
+                                         or (LEFT[:k] + t).startswith(LEFT) for t in self.texts])
+                        for k in range(len(LEFT))}
+        self.done = [""] * len(n_terms)
+
+    @classmethod
+    def of(cls, tok, vocab_size: int, mode: str, prompts: list[str], samples: int = 1):
+        """The constraint for these chat prompts (each holding its problem, e.g. '3*4+5*2'), `samples` rows each."""
+        return cls(tok, vocab_size, mode, [len(TERM.findall(p)) for p in prompts for _ in range(samples)])
+
+    def __call__(self, logits: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        logits = logits.clone()
+        for r in range(logits.shape[0]):
+            if out.shape[1]:
+                self.done[r] += self.texts[int(out[r, -1])]
+            lines = self.done[r].split("\n")
+            line, worked = lines[-1], sum(bool(re.match(r"\d\*\d=", ln)) for ln in lines[:-1])
+            if not re.match(r"\d\*\d=", line) or worked >= self.n_terms[r] - 1:
+                continue  # not a working line, or the last one: nothing to restate
+            if self.mode == "banned":
+                logits[r, self.comma.to(logits.device)] = -math.inf
+                continue
+            m = next((k for k in range(len(LEFT)) if WORKED[min(worked, 1)].fullmatch(line[:len(line) - k] or "-")
+                      and line.endswith(LEFT[:k])), None)
+            if m is not None:
+                logits[r, ~self.allowed[m].to(logits.device)] = -math.inf
+        return logits
 
 
 # ---- measuring a trace (for tables; the generator above never uses these) --------------------------------
@@ -181,3 +235,13 @@ def lookback(tok, text: str, start: int = 0) -> int:
         if prev:
             best = max(best, token_at(c) - token_at(max(prev)))
     return best
+
+
+def trace_stats(tok, prompts: list[str], completions: list[str]) -> dict:
+    """Traces' per-line restatement rate, and the distribution of how far back they reach (lookback, tokens):
+    p10, median, p90, max, and every value sorted (lookbacks)."""
+    counts = [restate_counts(c) for c in completions]
+    reach = sorted(lookback(tok, p + c, len(p)) for p, c in zip(prompts, completions))
+    q = lambda f: reach[min(len(reach) - 1, int(f * len(reach)))]  # noqa: E731
+    return dict(restate_rate=sum(c[0] for c in counts) / max(1, sum(c[1] for c in counts)),
+                lookback=dict(p10=q(0.1), median=q(0.5), p90=q(0.9), max=reach[-1]), lookbacks=reach)

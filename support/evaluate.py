@@ -64,8 +64,9 @@ def majority(answers: list) -> str | None:
 def evaluate(model, tok: Tokenizer, records: list[dict], *, max_new_tokens: int = 512,
              batch_size: int = 16, samples: int = 1, temperature: float = 0.0, top_p: float = 1.0,
              chat: bool = True, system: str | None = None, seed: int = 0, progress: bool = True,
-             reward_fn=None) -> tuple[dict, list[dict]]:
-    """Generate `samples` completions per record, grade each, and summarise.
+             reward_fn=None, constrain=None) -> tuple[dict, list[dict]]:
+    """Generate `samples` completions per record, grade each, and summarise. constrain(prompt texts, samples), if
+    given, makes each batch's constrained decoder (swarr.generate's `constrain`; e.g. synth.LineConstraint.of).
 
     Returns (summary, rows): summary = {"n", "accuracy" (first sample per problem, pass@1, strict: the answer must
     be marked, as the RL reward wants), "accuracy_flexible" (the grader's flexible mode: else the last number or
@@ -87,7 +88,8 @@ def evaluate(model, tok: Tokenizer, records: list[dict], *, max_new_tokens: int 
         idx = order[b:b + batch_size]
         prompts = [ids[i] for i in idx]
         g = model.generate(prompts, max_new_tokens, eos_ids=stop, temperature=temperature, top_p=top_p,
-                           n_samples=samples, seed=seed + b)
+                           n_samples=samples, seed=seed + b,
+                           constrain=constrain([texts[i] for i in idx], samples) if constrain else None)
         for r in range(len(idx) * samples):
             rec = records[idx[r // samples]]
             n = int(g.lengths[r])

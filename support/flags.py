@@ -8,10 +8,11 @@ that cannot mean anything, before anything is read or written.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
-from .safe_io import SwarrError
+from .safe_io import SwarrError, check_out_folder
 
 # Seeds are combined (seed * 100_003 + step, ...) into torch and random seeds, which must stay below 2**64.
 SEED_LIMIT = 2 ** 32
@@ -25,7 +26,7 @@ FLAG_RULES = {
     "samples": _at_least_1, "max_new_tokens": _at_least_1, "steps": _at_least_1, "prompts_per_step": _at_least_1,
     "micro_batch": _at_least_1, "sft_steps": _at_least_1, "rl_steps": _at_least_1, "n_train": _at_least_1,
     "n_test": _at_least_1, "context": _at_least_1,
-    "epochs": _positive, "lr": _positive, "rl_lr": _positive,
+    "epochs": _positive, "lr": _positive, "rl_lr": _positive, "control_lr": _positive,
     "max_steps": (lambda v: v >= 0, "0 (use --epochs) or more"),
     "max_len": (lambda v: v >= 2, "at least 2 (a prompt token and a response token)"),
     "min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
@@ -58,6 +59,33 @@ def check_flags(args, extra: dict | None = None):
         check_window(args.window)
     if getattr(args, "device", None) is not None:
         check_device(args.device)
+
+
+def check_demo(args, rl_steps: int, ours: set) -> list[int]:
+    """demo.py's flags: the rules above, the windows of --sweep, --rejection-rounds (each round samples at least one
+    RL step), --ablations (the synthetic task's line pattern, one window), --data, and an --out that holds only
+    files the demo writes (`ours`), unless --overwrite. Returns the windows to run."""
+    check_flags(args)
+    try:
+        windows = [int(w) for w in args.windows.split(",")] if args.sweep else [args.window]
+    except ValueError:
+        raise SwarrError(f"--windows {args.windows!r}: expected comma-separated integers") from None
+    for w in windows:
+        check_window(w)
+    if not 1 <= args.rejection_rounds <= rl_steps:
+        raise SwarrError(f"--rejection-rounds must be between 1 and the RL steps ({rl_steps}), "
+                         f"got {args.rejection_rounds}")
+    if args.ablations and (args.data or args.sweep):
+        raise SwarrError("--ablations needs the synthetic task's lines and one window: not with --data or --sweep")
+    if args.data and not os.path.isfile(args.data):
+        raise SwarrError(f"{args.data}: data file not found")
+    check_out_folder(args.out)  # (a file, or a folder this user cannot write: one line)
+    foreign = sorted(f for f in os.listdir(args.out) if f.split(".tmp-")[0] not in ours) \
+        if os.path.isdir(args.out) else []
+    if foreign and not args.overwrite:
+        raise SwarrError(f"--out {args.out} holds files the demo did not write ({', '.join(foreign[:3])}): pass "
+                         f"--overwrite to write into it anyway, or choose another --out")
+    return windows
 
 
 def check_window(window) -> int | None:

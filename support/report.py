@@ -1,5 +1,6 @@
-"""The demo's report: progress lines, summary statistics (95% Wilson intervals, gap recovered, restatement and
-lookback), the markdown tables of report.md and the SVG figures.
+"""The demo's report: progress lines, summary statistics (95% Wilson intervals for greedy accuracy; a seeded cluster
+bootstrap over problems for sampled accuracy, paired differences and gap recovered; restatement and lookback), the
+markdown tables of report.md and the SVG figures.
 
     text = save_report(out, res, names, sft_batch=16, rl=RL, paper_32k=6.2)  # results.json, rl_curve.svg, report.md
     svg_curve({"reward": [(1, 0.2), (2, 0.5)]}, {"SA": 0.99}, "rl_curve.svg", "title")
@@ -15,6 +16,7 @@ import os
 import time
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from .safe_io import write_text_atomic as write  # reports are replaced whole or not at all
@@ -58,10 +60,16 @@ class Log:
     """Training lines, indented under their stage, and every event dict kept (also in out/log.jsonl)."""
 
     def __init__(self):
-        self.history = []
+        self.history, self.runs = [], []  # runs: the settings of each training run, in order
 
     def __call__(self, line):
         print(f"  {line}", flush=True)
+
+    def ran(self, first: int, lr: float) -> dict:
+        """What the training runs since runs[first] did together: optimizer steps, batch, sequences, schedule."""
+        runs = self.runs[first:]
+        return dict(steps=sum(r["steps"] for r in runs), batch=runs[0]["batch"] if runs else 0, lr=lr,
+                    sequences=sum(r["steps"] * r["batch"] for r in runs), schedule=runs[0]["schedule"] if runs else "-")
 
 
 # ---- statistics ----------------------------------------------------------------------------------------------
@@ -74,19 +82,105 @@ def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n))
 
 
+# Samples of one problem are not independent (an easy problem is solved by most of its samples), so intervals on
+# sampled accuracy resample problems, not samples: a cluster bootstrap. One seeded set of resamples serves every
+# row of a run, so two rows are compared on the same resampled problems (paired).
+BOOT = 2000  # bootstrap resamples
+
+
+def resamples(n: int, seed: int, b: int = BOOT) -> np.ndarray:
+    """(b, n) problem indices drawn with replacement, from a generator seeded by `seed` alone."""
+    return np.random.default_rng([seed, n]).integers(0, n, size=(b, n))
+
+
+def per_problem(x) -> np.ndarray:
+    """(n,) per-problem correctness, or (n, k) of k samples each -> (n,) per-problem accuracy."""
+    x = np.asarray(x, dtype=float)
+    return x if x.ndim == 1 else x.mean(1)
+
+
+def percentile_ci(values) -> tuple[float, float] | None:
+    """The 2.5th and 97.5th percentiles of bootstrap values (None when most are undefined, e.g. no gap)."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    return (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))) if len(v) > 0.9 * np.size(values) else None
+
+
+def clustered(x, seed: int) -> tuple[float, float]:
+    """95% interval of the mean accuracy of (n, k) samples, clustered by problem (percentile cluster bootstrap)."""
+    p = per_problem(x)
+    return percentile_ci(p[resamples(len(p), seed)].mean(1))
+
+
+def design_effect(x) -> float:
+    """How much clustering by problem inflates the variance of mean accuracy over (n, k) samples, against k n
+    independent samples: k Var(problem means) / Var(samples) (1 + (k - 1) x the intra-problem correlation).
+    k when a problem's samples always agree, 1 when they are independent, 0 when every problem has the same mean."""
+    x = np.asarray(x, dtype=float)
+    total = x.var()
+    return float(x.shape[1] * x.mean(1).var() / total) if total > 0 else float("nan")
+
+
+def paired(a, b, seed: int) -> tuple[float, tuple[float, float] | None]:
+    """Row a minus row b, per problem (greedy (n,) or sampled (n, k) correctness on the same problems): the mean
+    difference and its 95% cluster-bootstrap interval."""
+    d = per_problem(a) - per_problem(b)
+    return float(d.mean()), percentile_ci(d[resamples(len(d), seed)].mean(1))
+
+
+def recovered_ci(row, sa, swa, seed: int) -> tuple[float, float] | None:
+    """95% cluster-bootstrap interval of the share of the SA - SWA gap that `row` wins back (per-problem
+    correctness of the three rows on the same problems): (row - swa) / (sa - swa) on each resample."""
+    idx = resamples(len(per_problem(row)), seed)
+    m = lambda x: per_problem(x)[idx].mean(1)  # noqa: E731
+    with np.errstate(divide="ignore", invalid="ignore"):
+        gap = m(sa) - m(swa)
+        return percentile_ci(np.where(gap > 0, (m(row) - m(swa)) / gap, np.nan))
+
+
+def statistics(rows: list, names: "Rows", seed: int, pairs=(), base: list | None = None) -> list:
+    """Adds each row's gap-recovered intervals (greedy, sampled) against SA and SWA (found in `base` or `rows`) and
+    returns the paired differences of `pairs` ((a, b) row labels): [{a, b, greedy, greedy_ci, sampled, sampled_ci}]."""
+    by = {r["row"]: r for r in (base or []) + rows}
+    pp = lambda name, key: by[name]["per_problem"][key]  # noqa: E731
+    if names.sa in by and names.swa in by:
+        for r in rows:
+            if r["row"] not in (names.sa, names.swa) and "per_problem" in r:
+                r["recovered_ci"] = {key: recovered_ci(pp(r["row"], key), pp(names.sa, key), pp(names.swa, key), seed)
+                                     for key in ("greedy", "sampled")}
+    out = []
+    for a, b in pairs:
+        if a in by and b in by:
+            (g, gci), (s, sci) = (paired(pp(a, k), pp(b, k), seed) for k in ("greedy", "sampled"))
+            out.append(dict(a=a, b=b, greedy=g, greedy_ci=gci, sampled=s, sampled_ci=sci))
+    return out
+
+
+def by_pattern(rows: list, names: list, seed: int) -> list:
+    """Sampled accuracy by restatement pattern (a sample's lines restate: none, some, all), for the rows `names`:
+    [{row, pattern, samples, accuracy, ci}], the interval clustered by problem (problems resampled; each keeps its
+    samples of that pattern)."""
+    out = []
+    for r in rows:
+        if r["row"] not in names or "patterns" not in r:
+            continue
+        correct = np.asarray(r["per_problem"]["sampled"], dtype=float)
+        pat = np.asarray(r["patterns"]).reshape(correct.shape)
+        idx = resamples(len(correct), seed)
+        for p in ("none", "some", "all"):
+            hit = (pat == p).astype(float)
+            if hit.sum():
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    boot = (correct * hit).sum(1)[idx].sum(1) / hit.sum(1)[idx].sum(1)
+                out.append(dict(row=r["row"], pattern=p, samples=int(hit.sum()),
+                                accuracy=float((correct * hit).sum() / hit.sum()), ci=percentile_ci(boot)))
+    return out
+
+
 def pair_sum(pairs) -> list[int]:
     """[sum of the first items, sum of the second items], e.g. of (restating lines, lines) counts."""
     pairs = list(pairs)
     return [sum(a for a, _ in pairs), sum(b for _, b in pairs)]
-
-
-def trace_summary(counts: list, reach: list) -> dict:
-    """Traces' per-line restatement rate from their (restating lines, lines) counts, and the distribution of how
-    far back they reach (tokens): p10, median, p90, max, and every value sorted (lookbacks)."""
-    reach = sorted(reach)
-    q = lambda f: reach[min(len(reach) - 1, int(f * len(reach)))]  # noqa: E731
-    return dict(restate_rate=sum(c[0] for c in counts) / max(1, sum(c[1] for c in counts)),
-                lookback=dict(p10=q(0.1), median=q(0.5), p90=q(0.9), max=reach[-1]), lookbacks=reach)
 
 
 def rl_curve(events: list, restates: list, per_step: int) -> dict:
@@ -99,6 +193,11 @@ def rl_curve(events: list, restates: list, per_step: int) -> dict:
         curve["restate_rate"] = [(i + 1, sum(c[0] for c in s) / max(1, sum(c[1] for c in s)))
                                  for i, s in enumerate(steps)]
     return curve
+
+
+def collapse_of(history: list) -> str | None:
+    """The RL collapse train_rl reported in these events, if any."""
+    return next((h["reason"] for h in history if h.get("event") == "collapse"), None)
 
 
 def recovered(rows: dict, name: str, names: Rows, key: str = "accuracy") -> float | None:
@@ -132,16 +231,29 @@ def fmt(x, spec=".3f"):
     return "n/a" if x is None else format(x, spec)
 
 
-def row_table(rows: list, W: int, names: Rows) -> list[str]:
-    """The rows as a markdown table: accuracy with intervals, gap recovered, restatement and lookback."""
-    by = {r["row"]: r for r in rows}
-    lines = ["| row | greedy [95% CI] | T=1 [95% CI] | gap recovered greedy / T=1 | lines restating greedy / T=1 "
-             f"| lookback median (p90), greedy / T=1 | traces with lookback <= {W}, T=1 |",
+def share(x, ci=None) -> str:
+    """A share as a percentage, with its interval if known: 98% [95, 100]."""
+    return fmt(x, ".0%") + (f" [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]" if ci and x is not None else "")
+
+
+def interval(x, ci, scale: float = 1.0, spec: str = ".3f") -> str:
+    """x [lo, hi], each times `scale`; [n/a] when the interval is undefined (too few samples)."""
+    lo_hi = f"{format(scale * ci[0], spec)}, {format(scale * ci[1], spec)}" if ci else "n/a"
+    return f"{format(scale * x, spec)} [{lo_hi}]"
+
+
+def row_table(rows: list, W: int, names: Rows, base: list | None = None) -> list[str]:
+    """The rows as a markdown table: accuracy with intervals, gap recovered, restatement and lookback (gap
+    recovered against the SA and SWA rows of `base`, if they are not among `rows`)."""
+    by = {r["row"]: r for r in (base or []) + rows}
+    lines = ["| row | greedy [95% CI] | T=1 [95% CI, clustered] | gap recovered [95% CI], greedy / T=1 | lines "
+             f"restating greedy / T=1 | lookback median (p90), greedy / T=1 | traces with lookback <= {W}, T=1 |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        rec = (f"{fmt(recovered(by, r['row'], names), '.0%')} / "
-               f"{fmt(recovered(by, r['row'], names, 'sampled'), '.0%')}"
-               if r["row"] not in (names.sa, names.swa) and names.sa in by else "-")
+        ci = r.get("recovered_ci", {})
+        rec = (f"{share(recovered(by, r['row'], names), ci.get('greedy'))} / "
+               f"{share(recovered(by, r['row'], names, 'sampled'), ci.get('sampled'))}"
+               if r["row"] not in (names.sa, names.swa) and names.sa in by and names.swa in by else "-")
         if "greedy_traces" in r:
             g, s = r["greedy_traces"], r["sampled_traces"]
             rate = f"{g['restate_rate']:.2f} / {s['restate_rate']:.2f}"
@@ -156,7 +268,12 @@ def row_table(rows: list, W: int, names: Rows) -> list[str]:
     return lines
 
 
-def report(res: dict, names: Rows, sft_batch: int, rl: dict, paper_32k: float) -> str:
+INTERVALS = ("95% intervals: Wilson for greedy accuracy (one completion per problem); for T = 1 accuracy, paired "
+             f"differences and gap recovered, a seeded cluster bootstrap over problems ({BOOT} resamples, "
+             "percentiles), so the samples of one problem count as one unit")
+
+
+def report(res: dict, names: Rows, rl: dict, paper_32k: float) -> str:
     """report.md of one run. rl: the RL settings the budget sentence quotes (prompts, group, temperature);
     paper_32k: the paper's SWA/SA decode speed-up at 32k context."""
     a, W = res["args"], res["args"]["window"]
@@ -165,23 +282,23 @@ def report(res: dict, names: Rows, sft_batch: int, rl: dict, paper_32k: float) -
              f"evaluated on the {a['split']} split", "",
              f"Model {os.path.relpath(a['model'])}, data {a['data'] or 'synthetic (data/synth.py)'}. "
              f"{res['rows'][0]['n']} held-out problems; greedy and {a['samples']} samples per problem at T = 1, "
-             f"max {a['max_new_tokens']} new tokens; 95% Wilson intervals. Wall time {res['wall_s']:.0f} s on "
+             f"max {a['max_new_tokens']} new tokens. {INTERVALS}. Wall time {res['wall_s']:.0f} s on "
              f"{res['device']} ({torch.get_num_threads()} threads).", ""]
     lines += row_table(res["rows"], W, names)
     rs = res["rejection"]
     source = ("from SWA + SFT" if rs.get("rounds", 1) == 1 else
               f"in {rs['rounds']} rounds, each from the model the round before fine-tuned (the first from SWA + SFT),")
-    planned, tuned = b["sequences"], rs.get("sequences", b["sequences"])
-    tuned_text = (f"{tuned} sequences ({b['sft_steps']} steps of {sft_batch}); more SFT and the ceiling "
-                  f"fine-tuned on as many" if tuned == planned else
-                  f"{tuned} sequences, not the {planned} planned (a round that kept nothing does not train); more SFT "
-                  f"and the ceiling fine-tuned on {planned}")
     lines += ["", f"Budgets: RL sampled {b['rl_samples']} completions ({res['rl_steps']} steps x {rl['prompts']} "
-              f"prompts "
-              f"x {rl['group']}) and trained on all of them. Rejection sampling drew {rs['drawn']} {source} on "
-              f"the same prompts at T = {rl['temperature']:g}, kept {rs['kept']} that the same reward accepts"
-              f"{selected(rs) if 'sft_traces' in res else ''}, and fine-tuned on {tuned_text} sequences of their "
-              f"data.", ""]
+              f"prompts x {rl['group']}) and trained on all of them. Rejection sampling drew {rs['drawn']} {source} "
+              f"on the same prompts at T = {rl['temperature']:g} and kept {rs['kept']} that the same reward accepts"
+              f"{selected(rs) if 'sft_traces' in res else ''}. What each method after the conversion ran (matched: "
+              f"optimizer steps, batch, sequences and schedule; tuned: each its own learning rate, chosen on the "
+              f"validation split from the same grid):", "",
+              "| row | optimizer steps | batch (sequences) | sequences | schedule | learning rate |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {k} | {m['steps']} | {m['batch']} | {m['sequences']} | {m['schedule']} | {m['lr']:g} |"
+              for k, m in res.get("matched", {}).items()]
+    lines += [""] + paired_table(res.get("paired", []))
     if "sft_traces" in res:
         st = res["sft_traces"]
         lines += [f"SFT data: {st['restate_rate']:.2f} of the lines restate; lookback median "
@@ -191,6 +308,8 @@ def report(res: dict, names: Rows, sft_batch: int, rl: dict, paper_32k: float) -
                   f"{res['rl_curve']['restate_rate'][-1][1]:.2f} (step {res['rl_steps']}).", ""]
     if res.get("collapse"):
         lines += [f"**RL COLLAPSED: {res['collapse']}** The SWARR row is not a result of RL working.", ""]
+    if res.get("ablations"):
+        lines += ablation_section(res, names, W)
     lines += ["Targets: " + "; ".join(f"{k} {'yes' if v else 'NO'}" for k, v in res["checks"].items()) + ".", ""]
     s = res.get("speed")
     if s:
@@ -206,6 +325,36 @@ def report(res: dict, names: Rows, sft_batch: int, rl: dict, paper_32k: float) -
                   f"(The paper reports about {paper_32k}x throughput over SA at 32k context for its models.)", ""]
     lines += ["![reward, restatement rate and accuracy over RL steps](rl_curve.svg)", ""]
     return "\n".join(lines)
+
+
+def paired_table(pairs: list) -> list[str]:
+    """The paired comparisons: row a minus row b, per problem, greedy and T = 1, in points."""
+    if not pairs:
+        return []
+    return ["Paired, per problem (a minus b, accuracy points, 95% cluster-bootstrap interval):", "",
+            "| a minus b | greedy | T=1 |", "|---|---|---|"] + [
+        f"| {p['a']} minus {p['b']} | {interval(p['greedy'], p['greedy_ci'], 100, '+.1f')} | "
+        f"{interval(p['sampled'], p['sampled_ci'], 100, '+.1f')} |" for p in pairs] + [""]
+
+
+def ablation_section(res: dict, names: Rows, W: int) -> list[str]:
+    """--ablations: the rows that intervene on the mechanism, the restatement rate of the ablated RL runs'
+    rollouts, and accuracy by restatement pattern."""
+    lines = ["## Ablations", "", "Decoding with restating forced or banned at every line (constrained decoding on the "
+             "line pattern, nothing else changed), and RL changed in one part:", ""]
+    lines += row_table(res["ablations"], W, names, base=res["rows"]) + [""]
+    for label, curve in res.get("ablation_curves", {}).items():
+        r = curve.get("restate_rate") or [(0, float("nan"))]
+        lines.append(f"{label}: the rollouts' restatement rate went {r[0][1]:.2f} (step 1) -> {r[-1][1]:.2f} "
+                     f"(step {r[-1][0]}).")
+    lines += [""] + paired_table(res.get("ablation_paired", []))
+    if res.get("patterns"):
+        lines += ["Accuracy by restatement pattern, T = 1 samples (a sample's lines restate: none, some, all; "
+                  "interval clustered by problem):", "", "| row | pattern | samples | accuracy [95% CI] |",
+                  "|---|---|---|---|"]
+        lines += [f"| {p['row']} | {p['pattern']} | {p['samples']} | {interval(p['accuracy'], p['ci'])} |"
+                  for p in res["patterns"]] + [""]
+    return lines
 
 
 def sweep_report(res: dict, names: Rows) -> str:

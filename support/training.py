@@ -261,6 +261,12 @@ def releases_lock(run):
     return wrapped
 
 
+def share(r: int, total: int, rounds: int) -> range:
+    """Round r's part of range(total) split into `rounds` consecutive parts: r*total//rounds .. (r+1)*total//rounds.
+    The parts cover range(total) exactly once, and none is empty when rounds <= total."""
+    return range(r * total // rounds, (r + 1) * total // rounds)
+
+
 # ---- data ------------------------------------------------------------------------------------------------
 def read_records(path: str | None, flag: str = "--data") -> list[dict]:
     """Records from a GSM8K / MATH / JSONL file, with one clear error for each way that can fail."""

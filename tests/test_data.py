@@ -161,6 +161,59 @@ def test_lookback_is_set_by_where_lines_restate(tok):
     assert synth.lookback(tok, "1*2+3*4\n1*2=2", 8) == tok.encode("1*2+3*4\n").__len__()
 
 
+# ---- constrained decoding on the line pattern (the demo's --ablations) ------------------------------------
+def scripted(tok, constraint, p, prefer: bool, noise: float = 0.0, seed: int = 0) -> str:
+    """Decode with `constraint` from a scripted policy that writes a correct solution of p and, at each line, would
+    rather restate (prefer=True) or not: the preferred continuation gets logit 10, any other correct solution's
+    next token 5, random noise elsewhere. The constraint decides what is written where the two disagree."""
+    import itertools
+    sols = [synth.solve(p, pat) for pat in itertools.product([False, True], repeat=len(p.terms) - 1)]
+    first, g = synth.solve(p, [prefer] * (len(p.terms) - 1)), torch.Generator().manual_seed(seed)
+    out = torch.zeros(1, 0, dtype=torch.long)
+    for _ in range(300):
+        done = tok.decode(out[0].tolist())
+        if done in sols:
+            break
+        logits = noise * torch.randn(1, tok.vocab_size, generator=g)
+        for rank, target in enumerate([first] + sols):
+            if target.startswith(done) and len(target) > len(done):
+                i = tok.encode(target[len(done):])[0]
+                logits[0, i] = max(float(logits[0, i]), 10.0 if rank == 0 else 5.0)
+        out = torch.cat([out, constraint(logits, out).argmax(1, keepdim=True)], 1)
+    return tok.decode(out[0].tolist())
+
+
+def test_forced_restating_always_restates_and_banned_never_does(tok):
+    """A policy that would not restate restates at every line under "forced"; one that would restate never does
+    under "banned"; either way it writes a correct solution, and the last line (nothing left) is never forced."""
+    for p in synth.problems(40, seed=11):
+        for mode, prefer, want in (("forced", False, True), ("banned", True, False)):
+            text = scripted(tok, synth.LineConstraint.of(tok, tok.vocab_size, mode, [tok.chat(p.prompt)]), p, prefer)
+            assert synth.restated(text) == [want] * (len(p.terms) - 1), (mode, text)
+            assert text.endswith(f"\\boxed{{{p.answer}}}") and ", left" not in text.split("\n")[-2]
+        free = scripted(tok, lambda logits, out: logits, p, False)  # unconstrained, the policy has its way
+        assert synth.restated(free) == [False] * (len(p.terms) - 1)
+
+
+def test_banned_restating_never_emits_the_pattern_under_noise(tok):
+    """Random logits, biased towards ',' and ' left': banned rows never restate; forced rows restate on every
+    working line they finish with terms after it (the constraint leaves malformed lines to the model)."""
+    comma, left = tok.encode(",")[0], tok.encode(" left")[0]
+    for seed in range(30):
+        p = synth.problems(1, seed=seed)[0]
+        c = synth.LineConstraint.of(tok, tok.vocab_size, "banned", [tok.chat(p.prompt)])
+        text = scripted(tok, lambda lg, out: c(lg + 4.0 * torch.nn.functional.one_hot(
+            torch.tensor([comma, left]), tok.vocab_size).sum(0), out), p, True, noise=3.0, seed=seed)
+        assert not any(synth.restated(text)), text
+
+
+def test_constraint_rows_follow_their_problems(tok):
+    """Rows r*samples .. r*samples+samples-1 belong to prompt r; a row's term count decides its last line."""
+    a, b = synth.problems(2, seed=0, terms=(4, 4))[0], synth.problems(2, seed=0, terms=(5, 5))[0]
+    c = synth.LineConstraint.of(tok, tok.vocab_size, "forced", [tok.chat(a.prompt), tok.chat(b.prompt)], samples=3)
+    assert c.n_terms == [4, 4, 4, 5, 5, 5]
+
+
 # ---- the shipped checkpoint and the script that makes it -------------------------------------------------
 def test_shipped_checkpoint_loads_and_is_what_the_readme_says():
     model, tok = swarr.load(TINY)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import xml.etree.ElementTree as ET
 
+import numpy as np
 import pytest
 import torch
 
@@ -35,6 +36,8 @@ def cli(*args):
     (["--sweep", "--windows", "24,0"], "window"),
     (["--rejection-rounds", "0"], "--rejection-rounds"),
     (["--quick", "--rejection-rounds", "21"], "--rejection-rounds"),  # more rounds than --quick's 20 RL steps
+    (["--ablations", "--sweep"], "--ablations"),
+    (["--control-lr", "0"], "--control-lr"),
 ])
 def test_bad_input_is_one_error_line(args, words, tmp_path):
     r = cli(*args, "--out", str(tmp_path / "out"))
@@ -145,7 +148,7 @@ def test_controls_get_exactly_rls_budget(monkeypatch, tmp_path):
 
     def spy_sft(args, model, tok, train, *a, **kw):
         sft_calls.append(dict(steps=args.max_steps, batch=args.batch_size, n=len(train), window=args.window,
-                              seed=args.seed))
+                              seed=args.seed, lr=args.lr, warmup=args.warmup, min_lr_ratio=args.min_lr_ratio))
         return real_sft(args, model, tok, train, *a, **kw)
 
     monkeypatch.setattr(train_rl, "rollout", spy_rollout)
@@ -159,10 +162,20 @@ def test_controls_get_exactly_rls_budget(monkeypatch, tmp_path):
     assert [c["seed"] for c in rs_calls] == [c["seed"] for c in rl_calls]
     assert all(c["n"] == P * G and c["T"] == demo.RL["temperature"] for c in rollouts)
     assert res["rejection"]["drawn"] == sum(c["n"] for c in rl_calls) == res["budget"]["rl_samples"] == 2 * P * G
-    # SA, SWA, then more SFT, rejection sampling (if it kept anything) and the ceiling: RL's count of sequences
+    # SA, SWA, then more SFT, rejection sampling (if it kept anything) and the ceiling: RL's optimizer steps of
+    # RL's batch, so RL's count of sequences, at a constant rate (RL's schedule), each at its own chosen rate
     controls = sft_calls[2:]
-    assert len(controls) == 2 + (res["rejection"]["kept"] > 0)
-    assert all(c["steps"] * c["batch"] == 2 * P * G and c["window"] == 40 and c["seed"] == 1 for c in controls)
+    names = [demo.MORE] + [demo.REJECT] * (res["rejection"]["kept"] > 0) + [demo.CEIL]
+    assert len(controls) == len(names)
+    for c, name in zip(controls, names):
+        assert (c["steps"], c["batch"], c["window"], c["seed"]) == (2, P * G, 40, 1), c
+        assert (c["warmup"], c["min_lr_ratio"], c["lr"]) == (0, 1.0, demo.LR[name]), c
+    m = res["matched"]
+    assert m[demo.SWARR] == dict(steps=2, batch=P * G, sequences=2 * P * G, schedule="constant", lr=demo.LR[demo.SWARR])
+    for name in names:
+        assert {k: m[name][k] for k in ("steps", "batch", "sequences", "schedule")} == \
+            {k: m[demo.SWARR][k] for k in ("steps", "batch", "sequences", "schedule")}, name
+    assert set(demo.LR.values()) | set(demo.QUICK_LR.values()) <= set(demo.GRID)
     assert [r["row"] for r in res["rows"]] == [demo.SA, demo.SWA, demo.SWARR, demo.MORE, demo.REJECT, demo.CEIL]
 
 
@@ -244,13 +257,19 @@ def test_quick_run_reproduces_the_finding(tmp_path):
     rows = {r["row"]: r for r in res["rows"]}
     assert all(res["checks"].values()), res["checks"]
     assert rows[demo.SWARR]["greedy_traces"]["restate_rate"] > rows[demo.SWA]["greedy_traces"]["restate_rate"] + 0.3
-    assert res["budget"] == dict(rl_samples=20 * 64, sequences=20 * 64, sft_steps=80)
+    assert res["budget"] == dict(rl_samples=20 * 64, sequences=20 * 64, steps=20, batch=64)
+    assert all(m["sequences"] == 20 * 64 and m["steps"] == 20 for m in res["matched"].values())
+    for p in res["paired"]:  # SWARR against more SFT: a paired per-problem difference whose interval excludes 0
+        assert p["sampled_ci"][0] <= p["sampled"] <= p["sampled_ci"][1]
+    more = next(p for p in res["paired"] if p["b"] == demo.MORE)
+    assert more["greedy_ci"][0] > 0 and more["sampled_ci"][0] > 0
     sa, swa = res["speed"]["SA"], res["speed"]["SWA"]
     assert sa["kv_bytes"] > 4096 / 40 * swa["kv_bytes"]
     saved = json.loads((out / "results.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(res["rows"]))
     text = (out / "report.md").read_text()
     assert f"| {demo.SWARR} | {rows[demo.SWARR]['accuracy']:.3f} [" in text and "rl_curve.svg" in text
+    assert "T=1 [95% CI, clustered]" in text and f"| {demo.SWARR} minus {demo.MORE} |" in text
     ET.parse(out / "rl_curve.svg")
     for folder in demo.FOLDERS.values():
         assert swarr.load(str(out / "models" / folder))[0].windows == ([None] * 4 if folder == "sa-sft" else [40] * 4)
@@ -318,4 +337,66 @@ def test_out_holding_other_files_needs_overwrite(tmp_path):
     for name in ("report.md", "results.json", "models", "log.jsonl.tmp-123"):
         (out / name).write_text("")
     assert demo.check_args(demo.parser().parse_args(["--out", str(out)])) == [40]
+
+
+def test_ablations_add_the_rows_that_intervene(tmp_path):
+    """--ablations (tiny settings: wiring only): forced and banned restating for rows 2, 3 and 5, RL without the
+    window and without the baseline at RL's budget, their paired comparisons and accuracy by restatement pattern."""
+    res = demo.run(demo.parser().parse_args(
+        ["--ablations", "--n-train", "64", "--n-test", "4", "--samples", "2", "--sft-steps", "2", "--rl-steps", "1",
+         "--max-new-tokens", "40", "--context", "256", "--out", str(tmp_path / "out")]))
+    labels = [r["row"] for r in res["ablations"]]
+    for words in ("forced restating", "banned restating"):
+        assert [x for x in labels if words in x] == [f"{n}, {words}" for n in (demo.SWA, demo.SWARR, demo.REJECT)]
+    assert [x for x in labels if x.startswith("RL without the")] == [demo.NO_WINDOW, demo.NO_BASELINE]
+    for r in res["ablations"]:
+        if "banned restating" in r["row"]:
+            assert r["greedy_traces"]["restate_rate"] == r["sampled_traces"]["restate_rate"] == 0
+    assert {k: res["matched"][demo.NO_BASELINE][k] for k in ("steps", "batch", "schedule")} == \
+        {k: res["matched"][demo.SWARR][k] for k in ("steps", "batch", "schedule")}
+    assert res["ablations"][-2]["window"] is None and res["ablations"][-1]["window"] == 40
+    assert {p["row"] for p in res["patterns"]} <= {demo.SWA, demo.SWARR, demo.REJECT}
+    assert sum(p["samples"] for p in res["patterns"] if p["row"] == demo.SWA) == 4 * 2
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "## Ablations" in text and "Accuracy by restatement pattern" in text
+    assert f"| {demo.SWARR} minus {demo.NO_BASELINE} |" in text
+
+
+# ---- statistics: problems are the unit ---------------------------------------------------------------------
+def test_design_effect_and_clustered_interval_on_a_constructed_example():
+    """Samples of a problem that always agree: the design effect is k, and the clustered interval is sqrt(k) times
+    as wide as a Wilson interval that takes the k n samples as independent (as wide as Wilson on n_eff = n)."""
+    n, k = 400, 4
+    agree = np.repeat(np.arange(n) % 2, k).reshape(n, k)  # half the problems always right, half always wrong
+    assert report.design_effect(agree) == pytest.approx(k)
+    assert report.design_effect(np.tile([1, 1, 0, 0], (n, 1))) == 0.0  # every problem 2 of 4: no spread at all
+    assert report.design_effect(np.random.default_rng(0).integers(0, 2, (20000, k))) == pytest.approx(1, abs=0.05)
+    lo, hi = report.clustered(agree, seed=0)
+    naive, eff = report.wilson(agree.sum(), n * k), report.wilson(agree.mean() * n, n)
+    assert lo < 0.5 < hi and (hi - lo) / (naive[1] - naive[0]) == pytest.approx(2, rel=0.12)
+    assert (hi - lo) == pytest.approx(eff[1] - eff[0], rel=0.12)
+    assert report.clustered(agree, seed=0) == (lo, hi) and report.clustered(agree, seed=1) != (lo, hi)
+
+
+def test_paired_difference_and_gap_recovered_intervals():
+    n = 200
+    swa = np.zeros((n, 4))
+    swa[:50] = 1                    # 0.25
+    row = swa.copy()
+    row[50:100] = 1                 # 0.50: a quarter of the problems more, the same ones always
+    sa = np.ones((n, 4))            # 1.00
+    d, (lo, hi) = report.paired(row, swa, seed=0)
+    assert d == pytest.approx(0.25) and lo < 0.25 < hi and lo > 0.15
+    assert report.paired(row, row, seed=0) == (0.0, (0.0, 0.0))  # the same row: exactly no difference
+    lo, hi = report.recovered_ci(row, sa, swa, seed=0)  # (0.5 - 0.25) / (1 - 0.25) = 1/3
+    assert lo < 1 / 3 < hi and hi - lo < 0.3
+    assert report.recovered_ci(row, swa, swa, seed=0) is None  # no gap: no share to speak of
+
+
+def test_accuracy_by_restatement_pattern():
+    rows = [dict(row="A", per_problem=dict(sampled=[[1, 0], [0, 1], [1, 0]]),
+                 patterns=["all", "none", "all", "all", "none", "some"])]
+    got = {p["pattern"]: (p["samples"], p["accuracy"]) for p in report.by_pattern(rows, ["A"], seed=0)}
+    assert got == {"all": (3, 2 / 3), "none": (2, 0.5), "some": (1, 0.0)}
+    assert report.by_pattern(rows, ["B"], seed=0) == []
 

@@ -175,6 +175,29 @@ def test_advantages_are_centred_per_group():
     assert torch.allclose(a[0], torch.tensor([0.5, -0.5, -0.5, 0.5]) / (r[0].std() + 1e-6)) and not a[1].any()
 
 
+def test_no_baseline_loss_is_reinforce_with_a_zero_baseline(ckpt, tok):
+    """--no-baseline (the demo's "RL without the baseline"): the advantages are the raw rewards, and the loss equals
+    REINFORCE's -(1/N) sum_i (r_i - b) sum_t log pi(y_it) with b = 0, computed here in float64 from one unpadded
+    forward per sample, and differs from the group-baseline loss on the same samples."""
+    r = torch.tensor([[1.0, 0, 0, 1], [1, 1, 1, 0]])
+    assert torch.equal(train_rl.advantages(r, False, baseline=False), r)
+    model, _ = swarr.load(ckpt)
+    samples = train_rl.rollout(model, tok, toy_problems(tok)[:2], 4, 1.0, 8, seed=0)
+    n = sum(len(s["ids"]) for s in samples)
+    loss, _ = train_rl.policy_loss(model, samples, train_rl.advantages(r, False, baseline=False).flatten(), n)
+    centred, _ = train_rl.policy_loss(model, samples, train_rl.advantages(r, False).flatten(), n)
+    model64 = swarr.load(ckpt)[0].double()
+    ref = 0.0
+    with torch.no_grad():
+        for s, reward in zip(samples, r.flatten().tolist()):
+            seq = torch.tensor([s["prompt_ids"] + s["ids"]])
+            logp = model64(seq[:, :-1]).log_softmax(-1)[0, len(s["prompt_ids"]) - 1:]
+            ref -= (reward - 0.0) * logp.gather(-1, seq[0, len(s["prompt_ids"]):, None]).sum().item()
+    assert abs(loss.item() - ref / n) < 1e-5 and abs(centred.item() - loss.item()) > 1e-3
+    args = rl_args(ckpt, "", "--no-baseline")
+    assert args.no_baseline and not rl_args(ckpt, "").no_baseline
+
+
 def test_completion_logprobs_equal_unpadded_forwards(ckpt):
     model, _ = swarr.load(ckpt)
     samples = [dict(prompt_ids=[5, 6, 7, 8], ids=[9, 10, 2]), dict(prompt_ids=[11, 12], ids=[13, 2])]
