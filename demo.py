@@ -69,8 +69,8 @@ QUICK_STEPS = 20
 # Rows 3-6 each at its own constant learning rate, chosen on the validation split (--split valid) from GRID, for the
 # default run and for --quick; data/README.md has the validation numbers. --rl-lr and --control-lr override them.
 GRID = (1e-4, 3e-4, 1e-3, 3e-3)
-LR = {SWARR: 3e-4, MORE: 1e-3, REJECT: 1e-3, CEIL: 1e-3}
-QUICK_LR = {SWARR: 3e-4, MORE: 1e-3, REJECT: 1e-3, CEIL: 1e-3}
+LR = {SWARR: 3e-4, MORE: 3e-4, REJECT: 1e-3, CEIL: 3e-4}
+QUICK_LR = {SWARR: 3e-4, MORE: 3e-4, REJECT: 3e-4, CEIL: 1e-3}
 WINDOW = 40
 SWEEP = (24, 32, 40, 48, 56, 64)
 # What the default run must show (README.md), checked on every run's own numbers (checks)
