@@ -2,7 +2,7 @@
 bootstrap over problems for sampled accuracy, paired differences and gap recovered; restatement and lookback), the
 markdown tables of report.md and the SVG figures.
 
-    text = save_report(out, res, names, sft_batch=16, rl=RL, paper_32k=6.2)  # results.json, rl_curve.svg, report.md
+    text = save_report(out, res, names, rl=RL, paper_32k=6.2)  # results.json, rl_curve.svg, report.md
     svg_curve({"reward": [(1, 0.2), (2, 0.5)]}, {"SA": 0.99}, "rl_curve.svg", "title")
 
 Everything here summarises or renders numbers a run has measured. What the rows are, their budgets and the targets
@@ -383,7 +383,7 @@ def sweep_report(res: dict, names: Rows) -> str:
 
 def save_report(out: str, res: dict, names: Rows, **quoted) -> str:
     """results.json, the figure (rl_curve.svg, or sweep.svg for a --sweep run) and report.md, each replaced whole;
-    returns report.md's text. quoted: report()'s sft_batch, rl and paper_32k (not needed for a sweep)."""
+    returns report.md's text. quoted: report()'s rl and paper_32k (not needed for a sweep)."""
     write(os.path.join(out, "results.json"), json.dumps(res, indent=2))
     if "windows" in res:
         sweep_svg(res, names, os.path.join(out, "sweep.svg"))
