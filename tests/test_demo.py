@@ -16,6 +16,7 @@ import swarr
 import train_rl
 import train_sft
 from support import report
+from support.flags import check_demo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -332,11 +333,12 @@ def test_out_holding_other_files_needs_overwrite(tmp_path):
     r = cli("--out", str(out))
     assert r.returncode == 2 and "--overwrite" in r.stderr and "thesis.tex" in r.stderr, r.stderr
     assert sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
-    assert demo.check_args(demo.parser().parse_args(["--out", str(out), "--overwrite"])) == [40]
+    check = lambda *argv: check_demo(demo.parser().parse_args(argv), 40, demo.OUT_FILES)  # noqa: E731
+    assert check("--out", str(out), "--overwrite") == [40]
     (out / "thesis.tex").unlink()
     for name in ("report.md", "results.json", "models", "log.jsonl.tmp-123"):
         (out / name).write_text("")
-    assert demo.check_args(demo.parser().parse_args(["--out", str(out)])) == [40]
+    assert check("--out", str(out)) == [40]
 
 
 def test_ablations_add_the_rows_that_intervene(tmp_path):
