@@ -83,3 +83,12 @@ def ckpts(tmp_path_factory):
     out["tied"] = root / "tied"
     make_checkpoint(out["tied"], "LlamaForCausalLM", seed=2, tie_word_embeddings=True)
     return out
+
+
+def shared_file(*parts):
+    """A file of ../shared/data, or a skip that says why: the datasets sit beside the repo on the project's machines
+    and in CI, not in a user's clone."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.is_file():
+        pytest.skip(f"needs {path}: ../shared/data sits beside the repo on the project's machines and in CI only")
+    return path

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import SHARED_DATA
+from conftest import shared_file
 from support import grader
 import swarr
 
@@ -30,7 +30,7 @@ def real(tmp_path_factory, one_thread):
 
 
 def gsm8k(n: int) -> list[dict]:
-    with open(SHARED_DATA / "gsm8k" / "test.jsonl") as f:
+    with open(shared_file("gsm8k", "test.jsonl")) as f:
         return [json.loads(next(f)) for _ in range(n)]
 
 
