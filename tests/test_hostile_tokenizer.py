@@ -118,8 +118,8 @@ def test_memory_budget(monkeypatch):
 
     def grow():
         kept = []
-        for _ in range(64):
-            kept.append(bytearray(8 << 20))  # 8 MiB, touched: resident
+        for _ in range(16):  # 40 MiB each, above malloc's largest mmap threshold (32 MiB): fresh pages, never
+            kept.append(bytearray(40 << 20))  # memory an earlier test freed and the heap kept resident; touched
             kept[-1][::4096] = b"x" * len(kept[-1][::4096])
             time.sleep(0.005)  # (a render's own pace: the watcher reads every millisecond, and a loaded machine
             #                   may not schedule it during a burst of a few milliseconds)
