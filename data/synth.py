@@ -163,7 +163,8 @@ class LineConstraint:
         assert mode in ("forced", "banned"), mode
         self.mode, self.n_terms, self.texts = mode, n_terms, [tok.decode([i]) for i in range(vocab_size)]
         self.comma = torch.tensor([LEFT[0] in t for t in self.texts])
-        # allowed after the line's last number has `typed` of LEFT: digits (the number goes on) only when none is
+        # allowed[k]: what may follow a line whose last number is followed by the first k characters of LEFT
+        # (digits, which continue the number, only while k = 0)
         self.allowed = {k: torch.tensor([(k == 0 and t.isdigit()) or LEFT.startswith(LEFT[:k] + t) and t != ""
                                          or (LEFT[:k] + t).startswith(LEFT) for t in self.texts])
                         for k in range(len(LEFT))}

@@ -70,32 +70,32 @@ def short(v, n: int = 80) -> str:
     return r if len(r) <= n else r[:n - 3] + "..."
 
 
-def interrupted(e: BaseException) -> bool:
-    """True if `e` is, or was raised while handling, a Ctrl-C: a library that was writing when it came (torch.save's
-    zip writer) can replace the KeyboardInterrupt with an error of its own as it closes the file."""
+def chain(e: BaseException | None):
+    """`e`, then the exception it was raised from or while handling, and so on (each once)."""
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, KeyboardInterrupt):
-            return True
+        yield e
         e = e.__cause__ or e.__context__
-    return False
+
+
+def interrupted(e: BaseException) -> bool:
+    """True if `e` is, or was raised while handling, a Ctrl-C: a library that was writing when it came (torch.save's
+    zip writer) can replace the KeyboardInterrupt with an error of its own as it closes the file."""
+    return any(isinstance(x, KeyboardInterrupt) for x in chain(e))
 
 
 def io_failure(e: BaseException) -> str | None:
     """The system's words, if `e` is (or was raised while handling) a refused read or write: an OSError, or the I/O
     error of a library that writes on its own (torch.save's zip writer, safetensors). None for anything else."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, WriteError):
-            return str(e)
-        if isinstance(e, OSError):
-            return e.strerror or str(e)
-        m = re.search(r"I/O error: (.*?)(?: \(os error \d+\))?$", str(e).strip())  # safetensors' Rust errors
+    for x in chain(e):
+        if isinstance(x, WriteError):
+            return str(x)
+        if isinstance(x, OSError):
+            return x.strerror or str(x)
+        m = re.search(r"I/O error: (.*?)(?: \(os error \d+\))?$", str(x).strip())  # safetensors' Rust errors
         if m:
             return m[1]
-        e = e.__cause__ or e.__context__
     return None
 
 
